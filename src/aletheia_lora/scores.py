@@ -1,0 +1,90 @@
+"""`LayerScores`: the probe's result, a plain ``dict[int, float]`` with a breakdown attached."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class LayerScores(dict):
+    """Layer index -> score (sum over probe batches of per-tensor gradient Frobenius norms).
+
+    Besides the mapping itself it carries:
+
+    * ``modules``: layer -> {block-relative parameter name -> score}, the per-tensor breakdown;
+    * ``roles``: layer -> {"attention" | "mlp" | "expert" | "router" | "other" -> subtotal};
+    * ``meta``: how the probe ran (``batches``, ``tokens``, ``seconds``, ``method``,
+      ``params``, ``seed``, ``dtype``, ...).
+
+    ``to_json()`` / ``from_json()`` round-trip all of it exactly (floats are written with
+    ``repr`` precision).
+    """
+
+    def __init__(
+        self,
+        scores: dict[int, float] | None = None,
+        *,
+        modules: dict[int, dict[str, float]] | None = None,
+        roles: dict[int, dict[str, float]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__({int(k): float(v) for k, v in (scores or {}).items()})
+        self.modules = {int(k): dict(v) for k, v in (modules or {}).items()}
+        self.roles = {int(k): dict(v) for k, v in (roles or {}).items()}
+        self.meta = dict(meta or {})
+
+    def ranking(self) -> list[int]:
+        """Layer indices from highest to lowest score (ties: lower index first)."""
+        return sorted(self, key=lambda i: (-self[i], i))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scores": {str(k): v for k, v in sorted(self.items())},
+            "roles": {str(k): v for k, v in sorted(self.roles.items())},
+            "modules": {str(k): v for k, v in sorted(self.modules.items())},
+            "meta": self.meta,
+        }
+
+    def to_json(self, path: str | None = None, *, indent: int | None = 1) -> str:
+        """Serialise; with ``path`` also write the file (atomically)."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            from .io import atomic_write_text
+
+            atomic_write_text(path, text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerScores:
+        if "scores" not in data:
+            raise ValueError(
+                "not a LayerScores object: no 'scores' key (was it written by LayerScores.to_json?)"
+            )
+        return cls(
+            data["scores"], modules=data.get("modules"), roles=data.get("roles"), meta=data.get("meta")
+        )
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> LayerScores:
+        """Parse JSON text, or read it from a file path."""
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LayerScores):
+            return dict.__eq__(self, other)
+        return (
+            dict.__eq__(self, other)
+            and self.modules == other.modules
+            and self.roles == other.roles
+            and self.meta == other.meta
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}: {v:.4g}" for k, v in sorted(self.items()))
+        return f"LayerScores({{{body}}})"

@@ -1,0 +1,98 @@
+"""Tiny random-init models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T.logging.set_verbosity_error()
+
+# family -> (config class, extra config kwargs)
+FAMILIES: dict[str, tuple[type, dict]] = {
+    "llama": (T.LlamaConfig, {}),
+    "qwen2": (T.Qwen2Config, {}),
+    "qwen3": (T.Qwen3Config, {}),
+    "mistral": (T.MistralConfig, {}),
+    "gemma": (T.GemmaConfig, {}),
+    "gemma2": (T.Gemma2Config, {}),
+    "gemma3_text": (T.Gemma3TextConfig, {}),
+    "phi": (T.PhiConfig, {}),
+    "phi3": (T.Phi3Config, {}),
+    "gpt2": (T.GPT2Config, {}),
+    "gpt_neox": (T.GPTNeoXConfig, {}),
+    "falcon": (T.FalconConfig, {}),
+    "bloom": (T.BloomConfig, {}),
+    "opt": (T.OPTConfig, {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+    "stablelm": (T.StableLmConfig, {}),
+    "mixtral": (T.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        T.Qwen2MoeConfig,
+        {
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
+}
+VOCAB = 128
+_NO_GQA = {"gpt2", "bloom", "opt", "falcon", "phi", "gpt_neox"}
+
+
+def tiny_config(family: str, num_layers: int = 4):
+    cls, extra = FAMILIES[family]
+    if family == "gpt2":
+        kw = {"n_embd": 32, "n_layer": num_layers, "n_head": 4}
+    elif family == "bloom":
+        kw = {"hidden_size": 32, "n_layer": num_layers, "n_head": 4}
+    else:
+        kw = {
+            "hidden_size": 32,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+        }
+    if family not in _NO_GQA:
+        kw.update(head_dim=8, num_key_value_heads=2)
+    kw.update(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    return cls(**kw)
+
+
+def tiny_model(family: str = "llama", num_layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(tiny_config(family, num_layers))
+
+
+def token_rows(n: int = 8, seed: int = 0, lengths=(10, 17, 5, 23, 9, 12)) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": torch.randint(3, VOCAB, (lengths[i % len(lengths)],), generator=g).tolist()}
+        for i in range(n)
+    ]
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer over a small vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "[PAD] [BOS] [EOS] [UNK] the a cat dog sat on mat and ran to is was big small red blue one two".split()
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
+    )
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def rows():
+    return token_rows()
