@@ -11,10 +11,14 @@ from .config import aletheia_lora_config, apply_aletheia_lora
 from .probe import gradient_probe
 from .scores import LayerScores
 from .selection import select_layers
+from .training import AletheiaConfig, AletheiaPlan, prepare_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AletheiaConfig",
+    "AletheiaPlan",
+    "prepare_model",
     "Architecture",
     "LayerScores",
     "Target",

@@ -12,6 +12,7 @@ published package kept alpha fixed, which silently shrank the MLP update 4x at r
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 
@@ -31,11 +32,12 @@ def _check_rank(name: str, value: int | None) -> None:
 
 def _check_layers(selected_layers: Iterable[int], num_layers: int | None) -> list[int]:
     layers = list(selected_layers)
-    if not layers:
-        raise ValueError("selected_layers is empty; pass at least one layer index (see select_layers).")
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)]
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
     if bad:
         raise TypeError(f"selected_layers must be integers; got {bad!r}.")
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise ValueError("selected_layers is empty; pass at least one layer index (see select_layers).")
     dupes = sorted({i for i in layers if layers.count(i) > 1})
     if dupes:
         raise ValueError(f"selected_layers has duplicates {dupes}; each layer can be selected once.")

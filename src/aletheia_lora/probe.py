@@ -118,7 +118,7 @@ def gradient_probe(
         )
 
     start = time.perf_counter()
-    with _probe_state(model, device, dtype, train_mode) as (run_device, autocast_dtype):
+    with _probe_state(model, device, dtype, train_mode) as (run_device, autocast_dtype, compute_dtype):
         run = _onepass if method == "onepass" else _chunked
         per_tensor = run(model, arch, batches, params, run_device, autocast_dtype, seed, chunk_size, progress)
     seconds = time.perf_counter() - start
@@ -134,7 +134,7 @@ def gradient_probe(
         "num_layers": arch.num_layers,
         "blocks_path": arch.blocks_path,
         "model": type(model).__name__,
-        "dtype": str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(compute_dtype).replace("torch.", ""),
         "train_mode": train_mode,
     }
     return _to_scores(arch, per_tensor, meta)
@@ -321,7 +321,7 @@ def _model_device(model: nn.Module) -> torch.device:
 @contextlib.contextmanager
 def _probe_state(
     model: nn.Module, device, dtype: torch.dtype | None, train_mode: bool
-) -> Iterator[tuple[torch.device, torch.dtype | None]]:
+) -> Iterator[tuple[torch.device, torch.dtype | None, torch.dtype]]:
     """Freeze everything, pick the compute dtype/device, and restore the model exactly after."""
     params = list(model.parameters())
     if not params:
@@ -354,7 +354,7 @@ def _probe_state(
             if isinstance(m.gradient_checkpointing, bool):
                 m.gradient_checkpointing = False
         with torch.random.fork_rng(devices=[run_device] if run_device.type == "cuda" else []):
-            yield run_device, autocast_dtype
+            yield run_device, autocast_dtype, want
     finally:
         if run_device != home:
             model.to(home)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 
@@ -45,7 +46,7 @@ class LayerScores(dict):
             "meta": self.meta,
         }
 
-    def to_json(self, path: str | None = None, *, indent: int | None = 1) -> str:
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = 1) -> str:
         """Serialise; with ``path`` also write the file (atomically)."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
@@ -65,10 +66,10 @@ class LayerScores(dict):
         )
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> LayerScores:
+    def from_json(cls, text_or_path: str | os.PathLike) -> LayerScores:
         """Parse JSON text, or read it from a file path."""
         text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
+        if isinstance(text_or_path, os.PathLike) or not text_or_path.lstrip().startswith("{"):
             with open(text_or_path, encoding="utf-8") as f:
                 text = f.read()
         return cls.from_dict(json.loads(text))
@@ -82,6 +83,9 @@ class LayerScores(dict):
             and self.roles == other.roles
             and self.meta == other.meta
         )
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
 
     __hash__ = None  # type: ignore[assignment]
 
