@@ -1,0 +1,210 @@
+"""`aletheia-lora` command line: parse arguments, call the library, print. Nothing else.
+
+    aletheia-lora probe --model M --data D --output_dir O [--probe_batches 5 ...]
+    aletheia-lora train --model M --data D --output_dir O [--top_pct 50] [any TrainingArguments]
+    aletheia-lora demo  [--output_dir O] [--max_steps N]
+
+Every field of AletheiaConfig and transformers.TrainingArguments is a flag; ``--config FILE``
+(YAML or JSON) supplies defaults that explicit flags override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+USAGE = """usage: aletheia-lora {probe,train,demo} [--help] [options]
+
+  probe   score every layer on your data; write layer_scores.json/.png
+  train   probe, select, fine-tune with LoRA on the selected layers; write the adapter and a report
+  demo    train on the embedded default model and task, and show the before/after metric
+"""
+
+
+def _without(cls, *names: str):
+    """A copy of dataclass ``cls`` minus some fields (so two dataclasses never share a flag)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in names:
+            continue
+        kwargs = {"metadata": f.metadata}
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default_factory"] = f.default_factory
+        fields.append((f.name, hints[f.name], field(**kwargs)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Flags", fields)
+
+
+@dataclass
+class ProbeOutput:
+    output_dir: str = field(metadata={"help": "Where layer_scores.json and layer_scores.png go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow a non-empty output directory."}
+    )
+    quiet: bool = field(default=False, metadata={"help": "No progress bars or charts."})
+
+
+def _config_file_args(argv: list[str]) -> list[str]:
+    """Expand ``--config FILE`` into flags placed first, so explicit flags win."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise SystemExit("--config needs a file path (YAML or JSON).")
+    path = Path(argv[i + 1])
+    if not path.is_file():
+        raise SystemExit(f"--config {str(path)!r}: no such file.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {str(path)!r} must hold a mapping of flag names to values.")
+    flags: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            flags += [f"--{key}", *map(str, value)]
+        else:
+            flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags + argv[:i] + argv[i + 2 :]
+
+
+def _parse(types, argv: list[str], prog: str):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(types, prog=prog)
+    return parser.parse_args_into_dataclasses(args=_config_file_args(argv))
+
+
+def _aletheia_config(flags, seed: int):
+    from .training import AletheiaConfig
+
+    return AletheiaConfig(**dataclasses.asdict(flags), seed=seed)
+
+
+def probe(argv: list[str]) -> int:
+    from .pipeline import DataArguments, ModelArguments, probe_job
+    from .training import AletheiaConfig
+
+    model_args, data_args, config, out = _parse(
+        (ModelArguments, DataArguments, AletheiaConfig, ProbeOutput), argv, "aletheia-lora probe"
+    )
+    result = probe_job(
+        model_args,
+        data_args,
+        config,
+        out.output_dir,
+        overwrite_output_dir=out.overwrite_output_dir,
+        quiet=out.quiet,
+    )
+    if not out.quiet:
+        print(result["chart"])
+        print(f"wrote {', '.join(result['files'])} to {result['output_dir']}")
+    return 0
+
+
+def _train_types():
+    from .pipeline import DataArguments, ModelArguments, RunArguments, TrainArguments
+    from .training import AletheiaConfig
+
+    return (ModelArguments, DataArguments, _without(AletheiaConfig, "seed"), RunArguments, TrainArguments)
+
+
+def _run_training(model_args, data_args, flags, run, training_args) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    from .pipeline import train_job
+
+    if run.quiet:
+        training_args.disable_tqdm = True
+        hf_logging.set_verbosity_error()
+    return train_job(model_args, data_args, _aletheia_config(flags, training_args.seed), run, training_args)
+
+
+def train(argv: list[str]) -> int:
+    model_args, data_args, flags, run, training_args = _parse(_train_types(), argv, "aletheia-lora train")
+    if training_args.output_dir is None:
+        raise SystemExit("aletheia-lora train: --output_dir is required (where the adapter and report go).")
+    result = _run_training(model_args, data_args, flags, run, training_args)
+    if not run.quiet:
+        _print_summary(result)
+    return 0
+
+
+# The demo's defaults: a few dozen steps that finish in minutes on 2 CPU cores.
+DEMO_DEFAULTS = ["--max_steps", "60", "--learning_rate", "1e-3", "--max_length", "96", "--eval_generate", "40",
+                 "--max_eval_samples", "100", "--save_steps", "30", "--logging_steps", "5",
+                 "--per_device_train_batch_size", "8"]  # fmt: skip
+
+
+def demo(argv: list[str]) -> int:
+    argv = DEMO_DEFAULTS + argv
+    if "--output_dir" not in argv:
+        argv += ["--output_dir", f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"]
+    model_args, data_args, flags, run, training_args = _parse(_train_types(), argv, "aletheia-lora demo")
+    if not run.quiet:
+        print(
+            "aletheia-lora demo: SmolLM2-135M-Instruct (embedded) on the embedded arithmetic task.\n"
+            "probe -> select the top layers -> LoRA on them -> train -> compare the held-out metric.\n"
+        )
+    result = _run_training(model_args, data_args, flags, run, training_args)
+    if not run.quiet:
+        _print_summary(result)
+    return 0
+
+
+def _print_summary(result: dict) -> None:
+    from .report import terminal_bar_chart
+
+    plan = result["plan_object"]
+    print()
+    print(terminal_bar_chart(plan.scores, plan.selected_layers))
+    print()
+    print(
+        f"trainable parameters: {plan.trainable_params:,} "
+        f"({plan.trainable_fraction:.0%} of all-layer LoRA's {plan.all_layer_trainable_params:,})"
+    )
+    if result.get("train_seconds_per_step"):
+        print(f"probe {plan.probe_seconds:.1f} s; training {result['train_seconds_per_step']:.2f} s/step "
+              f"over {result['train_steps']} steps")  # fmt: skip
+    before, after = result["metrics_before"], result["metrics_after"]
+    for key in ("eval_loss", "exact_match"):
+        if key in before:
+            print(f"held-out {key}: {before[key]:.4f} -> {after[key]:.4f}")
+    for ex in after.get("examples", [])[:2]:
+        print(
+            f"  Q: {ex['question']}\n  A: {ex['output']!r} (gold {ex['gold']}, {'ok' if ex['correct'] else 'wrong'})"
+        )
+    print(f"\nwrote {', '.join(result['files'])} to {result['output_dir']}")
+
+
+COMMANDS = {"probe": probe, "train": train, "demo": demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, ImportError, TypeError) as err:
+        print(f"aletheia-lora {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(f"\naletheia-lora {argv[0]}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

