@@ -11,17 +11,15 @@ import torch
 from torch import nn
 
 from .batches import IGNORE_INDEX, pad_rows
+from .data import extract_final_answer, format_prompt
 
-_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 
 
 def extract_answer(text: str) -> str | None:
     """The number after ``####`` (GSM8K style), else the last number in ``text``; commas dropped."""
-    match = _FINAL.search(text)
-    if match:
-        value = match.group(1)
-    else:
+    value = extract_final_answer(text)
+    if value is None:
         numbers = _NUMBER.findall(text)
         if not numbers:
             return None
@@ -70,8 +68,6 @@ def exact_match(
 
     Returns ``{"exact_match": fraction, "n": count, "examples": [first few (question, output, gold)]}``.
     """
-    from .data import format_prompt
-
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"

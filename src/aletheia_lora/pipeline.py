@@ -197,18 +197,28 @@ def save_adapter(peft_model, output_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders whose save finished (Trainer writes trainer_state.json last), oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(
+        found, key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1
+    )
+
+
 def _resolve_resume(value: str | None, output_dir: Path) -> str | None:
     if value in (None, "", "false", "False"):
         return None
     if value in ("true", "True"):
-        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        checkpoints = complete_checkpoints(output_dir)
         if not checkpoints:
             raise FileNotFoundError(
-                f"--resume_from_checkpoint true: no checkpoint-* folder in {str(output_dir)!r}."
+                f"--resume_from_checkpoint true: no complete checkpoint-* folder in {str(output_dir)!r}."
             )
         return str(checkpoints[-1])
-    if not Path(value).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {value!r} is not a complete checkpoint folder (no trainer_state.json)."
+        )
     return value
 
 
@@ -322,7 +332,7 @@ def train_job(
     try:
         trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
-        last = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        last = complete_checkpoints(out)
         hint = (
             f" The last checkpoint is {last[-1]}; continue with --resume_from_checkpoint true."
             if last
