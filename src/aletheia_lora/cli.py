@@ -53,6 +53,7 @@ class ProbeOutput:
 
 def _config_file_args(argv: list[str]) -> list[str]:
     """Expand ``--config FILE`` into flags placed first, so explicit flags win."""
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     if "--config" not in argv:
         return argv
     i = argv.index("--config")
@@ -83,7 +84,14 @@ def _parse(types, argv: list[str], prog: str):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(types, prog=prog)
-    return parser.parse_args_into_dataclasses(args=_config_file_args(argv))
+    try:
+        return parser.parse_args_into_dataclasses(args=_config_file_args(argv))
+    except ValueError as err:  # "Some specified arguments are not used by the HfArgumentParser"
+        if "not used" not in str(err):
+            raise
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: {err}; see {prog} --help", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _aletheia_config(flags, seed: int):

@@ -546,6 +546,10 @@ def _load_hub(name: str, split: str) -> list[dict]:
     try:
         loaded = datasets.load_dataset(repo, config or None, split=split)
     except (OSError, ValueError) as err:
+        if "split" in str(err).lower() and isinstance(
+            err, ValueError
+        ):  # the dataset exists, the split does not
+            raise ValueError(f"dataset {name!r} has no split {split!r} ({err})") from err
         if switch is not None or datasets.config.HF_HUB_OFFLINE:
             raise OSError(
                 f"dataset {name!r} is not a local file or folder and not in the Hugging Face cache, and it "

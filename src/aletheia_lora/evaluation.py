@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .batches import IGNORE_INDEX, pad_rows
-from .data import extract_final_answer, format_prompt
+from .data import encode_prompt, extract_final_answer, format_prompt
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 
@@ -76,8 +76,8 @@ def exact_match(
     try:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
-            prompts = [format_prompt(r["question"], tokenizer) for r in chunk]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            ids = [encode_prompt(format_prompt(r["question"], tokenizer), tokenizer) for r in chunk]
+            enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)  # as training saw them
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from . import __version__
 from .data import DataCollator, detect_format, load_data, tokenize_dataset, train_eval_split
@@ -103,8 +105,13 @@ class TrainArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep tokenized columns."})
 
 
-def check_output_dir(path: str | os.PathLike, *, overwrite: bool, resuming: bool = False) -> Path:
-    """Refuse a non-empty output directory unless ``overwrite`` (or resuming into it)."""
+def check_output_dir(
+    path: str | os.PathLike, *, overwrite: bool, resuming: bool = False, create: bool = True
+) -> Path:
+    """Refuse a non-empty output directory unless ``overwrite`` (or resuming into it).
+
+    ``create=False`` only checks, so a run that fails before writing leaves nothing behind.
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {str(out)!r} is a file; pass a directory path.")
@@ -113,7 +120,8 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool, resuming: bool
             f"output_dir {str(out)!r} is not empty; pass --overwrite_output_dir to write into it, "
             f"--resume_from_checkpoint to continue the run there, or choose another directory."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -234,7 +242,7 @@ def probe_job(
     """Probe and select; write ``layer_scores.json`` and ``layer_scores.png`` to ``output_dir``."""
     from .report import plot_layer_scores, terminal_bar_chart
 
-    out = check_output_dir(output_dir, overwrite=overwrite_output_dir)
+    out = check_output_dir(output_dir, overwrite=overwrite_output_dir, create=False)
     model, tokenizer = load_model(model_args.model, trust_remote_code=model_args.trust_remote_code)
     _, _, _, train_tok, _ = _prepare_data(data_args, tokenizer, config.seed)
     scores = gradient_probe(
@@ -252,6 +260,7 @@ def probe_job(
     )
     selected = select_layers(scores, config.top_pct, top_k=config.top_k)
     scores.meta["selected_layers"] = selected
+    out.mkdir(parents=True, exist_ok=True)
     scores.to_json(out / "layer_scores.json")
     plot_layer_scores(scores, selected, out / "layer_scores.png", title=f"{model_args.model or 'embedded'}")
     return {
@@ -317,6 +326,7 @@ def train_job(
         "versions": versions(),
         "command": sys.argv,
     }
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan_path, json.dumps(record, indent=1) + "\n")
 
     say("evaluating before training ...")
@@ -329,8 +339,16 @@ def train_job(
         data_collator=DataCollator(tokenizer.pad_token_id),
         callbacks=[timer],
     )
+    done = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")) if resume else None
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        if done is not None and 0 < training_args.max_steps <= done.global_step:
+            # Trainer would run one more step; the checkpoint already is the finished run
+            set_peft_model_state_dict(peft_model, load_file(str(Path(resume) / "adapter_model.safetensors")))
+            trainer.state = done
+            say(f"{resume} already reached max_steps={training_args.max_steps}; nothing left to train")
+            run_mean_loss = None
+        else:
+            run_mean_loss = trainer.train(resume_from_checkpoint=resume).training_loss
     except KeyboardInterrupt:
         last = complete_checkpoints(out)
         hint = (
@@ -364,7 +382,8 @@ def train_job(
             "train_seconds_per_step": statistics.median(steady) if steady else None,
             "train_steps": trainer.state.global_step,
             "train_seconds": sum(timer.seconds),
-            "final_train_loss": train_losses[-1] if train_losses else None,
+            "final_train_loss": train_losses[-1] if train_losses else run_mean_loss,
+            "mean_train_loss": run_mean_loss,
             "metrics_before": before,
             "metrics_after": after,
             "log_history": history,

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -258,4 +259,7 @@ def wrap_with_plan(
         trainable_params=lora_param_count(model, lora_config, arch),
         all_layer_trainable_params=lora_param_count(model, everything, arch),
     )
-    return get_peft_model(model, lora_config), plan
+    with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: make them a function of the seed
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(model, lora_config)
+    return peft_model, plan

@@ -1,0 +1,197 @@
+"""prepare_model / AletheiaConfig / AletheiaPlan, and training the result with transformers.Trainer
+and trl.SFTTrainer end to end (tiny random-init Llama, a few steps on the CPU)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import datasets
+import pytest
+import torch
+from conftest import tiny_model, token_rows, word_tokenizer
+from peft import get_peft_model
+
+from aletheia_lora import AletheiaConfig, AletheiaPlan, apply_aletheia_lora, prepare_model, select_layers
+from aletheia_lora.data import DataCollator, tokenize_dataset
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a big dog ran to the red mat",
+    "one small blue cat was big",
+    "the dog and the cat sat on a mat",
+    "two red dogs ran to one blue cat",
+    "the small cat is on the big mat",
+]
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _lora_layers(model: torch.nn.Module) -> set[int]:
+    """Indices of the decoder layers holding LoRA weights."""
+    return {int(_LAYER.search(n).group(1)) for n, _ in model.named_parameters() if "lora_" in n}
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+# --------------------------------------------------------------------------- prepare_model
+
+
+@pytest.mark.parametrize("top_pct, top_k", [(50, None), (25, None), (100, None), (50, 1)])
+def test_prepare_model_plan_matches_selection_and_parameter_counts(top_pct, top_k):
+    model = tiny_model("llama", num_layers=6)
+    config = AletheiaConfig(probe_batches=3, mlp_r=8)
+    peft_model, plan = prepare_model(model, token_rows(8), config, top_pct=top_pct, top_k=top_k)
+
+    assert plan.config.top_pct == top_pct and plan.config.top_k == top_k  # overrides applied
+    assert config.top_pct == 50 and config.top_k is None  # the caller's config is not modified
+    assert plan.num_layers == 6 and sorted(plan.scores) == list(range(6))
+    assert plan.selected_layers == select_layers(plan.scores, top_pct, top_k=top_k)
+    assert len(plan.selected_layers) == (top_k or max(1, math.floor(6 * top_pct / 100)))
+    assert plan.probe_seconds > 0
+    assert _lora_layers(peft_model) == set(plan.selected_layers)
+
+    assert plan.trainable_params == _trainable(peft_model)
+    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+
+    everything = tiny_model("llama", num_layers=6)
+    all_config = apply_aletheia_lora(everything, list(range(6)), r=config.r, mlp_r=config.mlp_r)
+    assert plan.all_layer_trainable_params == _trainable(get_peft_model(everything, all_config))
+    assert plan.trainable_fraction == pytest.approx(plan.trainable_params / plan.all_layer_trainable_params)
+    if top_pct == 100 and top_k is None:
+        assert plan.trainable_params == plan.all_layer_trainable_params
+
+
+def test_prepare_model_rejects_unknown_override():
+    with pytest.raises(TypeError, match="top_percent"):
+        prepare_model(tiny_model("llama", 2), token_rows(2), top_percent=50)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"top_pct": 0}, "top_pct"),
+        ({"top_pct": 101}, "top_pct"),
+        ({"r": 0}, "r"),
+        ({"mlp_r": 0}, "mlp_r"),
+        ({"probe_batches": 0}, "probe_batches"),
+        ({"probe_params": "x"}, "probe_params"),
+        ({"probe_method": "x"}, "probe_method"),
+    ],
+)
+def test_aletheia_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        AletheiaConfig(**kwargs)
+
+
+def test_plan_json_round_trip():
+    _, plan = prepare_model(tiny_model("llama", 4), token_rows(6), AletheiaConfig(probe_batches=2, mlp_r=8))
+    text = plan.to_json()
+    again = AletheiaPlan.from_json(text)
+
+    assert again.to_json() == text
+    assert again.selected_layers == plan.selected_layers
+    assert again.scores == plan.scores and again.scores.meta == plan.scores.meta
+    assert again.config == plan.config
+    assert again.lora_config.to_dict() == plan.lora_config.to_dict()
+    assert again.lora_config.layers_to_transform == plan.selected_layers
+    assert again.lora_config.rank_pattern and set(again.lora_config.rank_pattern.values()) == {8}
+    assert (again.trainable_params, again.all_layer_trainable_params, again.num_layers) == (
+        plan.trainable_params,
+        plan.all_layer_trainable_params,
+        plan.num_layers,
+    )
+
+
+# --------------------------------------------------------------------------- transformers.Trainer
+
+
+def test_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model("llama"), word_tokenizer()
+    train_rows = tokenize_dataset([{"text": t} for t in TEXTS], tokenizer)
+
+    # --- the README snippet -----------------------------------------------------------
+    peft_model, plan = prepare_model(model, train_rows, AletheiaConfig(top_pct=50))
+    args = TrainingArguments(output_dir=tmp_path, max_steps=3, per_device_train_batch_size=2, report_to="none",
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True)  # fmt: skip
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train_rows,
+                      data_collator=DataCollator(tokenizer.pad_token_id))  # fmt: skip
+    before = _snapshot(peft_model)  # (test only, not in the README)
+    result = trainer.train()
+    # ----------------------------------------------------------------------------------
+
+    assert trainer.state.global_step == 3
+    assert math.isfinite(result.training_loss) and result.training_loss > 0
+    changed = _changed(peft_model, before)
+    lora = {n for n in before if "lora_" in n}
+    assert changed and changed <= lora  # only LoRA weights move
+    assert changed == lora  # after 3 steps every A and B has moved (B first, then A)
+    assert _lora_layers(peft_model) == set(plan.selected_layers)
+    assert len(plan.selected_layers) == 2
+
+
+# --------------------------------------------------------------------------- trl.SFTTrainer
+
+
+def test_trl_sft_trainer(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model("llama"), word_tokenizer()
+    dataset = datasets.Dataset.from_list([{"text": t} for t in TEXTS])
+
+    # --- the README snippet -----------------------------------------------------------
+    peft_model, plan = prepare_model(model, dataset, AletheiaConfig(top_pct=50), tokenizer=tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, max_length=32,
+                     report_to="none", save_strategy="no", use_cpu=True)  # fmt: skip
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    before = _snapshot(peft_model)  # (test only, not in the README)
+    trainer.train()
+    # ----------------------------------------------------------------------------------
+
+    assert trainer.model is peft_model  # SFTTrainer kept our adapter instead of adding its own
+    assert trainer.state.global_step == 3
+    losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
+    changed = _changed(peft_model, before)
+    assert changed and all("lora_" in n for n in changed)
+    assert _lora_layers(peft_model) == set(plan.selected_layers)
+    assert {int(_LAYER.search(n).group(1)) for n in changed} == set(plan.selected_layers)
+
+
+# --------------------------------------------------------------------------- held-out evaluation
+
+
+def test_exact_match_prompts_the_model_as_training_did():
+    """The held-out exact match (reported before/after training) must feed the model the same
+    prompt ids that tokenize_dataset trained on: with a tokenizer that adds BOS, BOS included."""
+    from tokenizers import processors
+
+    from aletheia_lora.evaluation import exact_match
+
+    tokenizer = word_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", tokenizer.bos_token_id)]
+    )
+    assert tokenizer("the cat")["input_ids"][0] == tokenizer.bos_token_id
+    row = {"question": "the big cat sat on 3 mats", "answer": "the 3\n#### 3"}
+    (train,) = tokenize_dataset([row], tokenizer, format="question_answer")
+    prompt = [t for t, label in zip(train["input_ids"], train["labels"]) if label == -100]
+
+    model = tiny_model("llama")
+    seen: list[list[int]] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0][0].tolist()))
+    exact_match(model, tokenizer, [row], max_new_tokens=1)
+    assert seen[0] == prompt
