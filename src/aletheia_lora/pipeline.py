@@ -103,6 +103,10 @@ class TrainArguments(TrainingArguments):
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep tokenized columns."})
+    dataloader_pin_memory: bool = field(
+        default=torch.cuda.is_available(),
+        metadata={"help": "Pin batches in memory (useful with a GPU only)."},
+    )
 
 
 def check_output_dir(
