@@ -33,7 +33,7 @@ from .models import load_model
 from .probe import gradient_probe
 from .scores import LayerScores
 from .selection import select_layers
-from .training import AletheiaConfig, AletheiaPlan, prepare_model, wrap_with_plan
+from .training import AletheiaConfig, AletheiaPlan, TruncatedBackwardCallback, prepare_model, wrap_with_plan
 
 PLAN_FILE = "aletheia.json"
 
@@ -341,7 +341,7 @@ def train_job(
         args=training_args,
         train_dataset=train_tok,
         data_collator=DataCollator(tokenizer.pad_token_id),
-        callbacks=[timer],
+        callbacks=[timer, TruncatedBackwardCallback()],
     )
     done = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")) if resume else None
     try:
