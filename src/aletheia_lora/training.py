@@ -78,6 +78,10 @@ class AletheiaConfig:
         default=None,
         metadata={"help": "Dotted path of the decoder blocks, when detection fails (model.layers)."},
     )
+    truncate_backward: bool = field(
+        default=True,
+        metadata={"help": "Never back-propagate below the lowest adapted layer (same results, less work)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the probe's example order."})
 
     def __post_init__(self) -> None:
