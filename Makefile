@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
 
 test: lint
 	$(PY) -m pytest -q
