@@ -8,6 +8,7 @@ config = apply_aletheia_lora(model, layers, r=16)    # a peft.LoraConfig
 
 from .architecture import Architecture, Target, block_targets, find_blocks
 from .config import aletheia_lora_config, apply_aletheia_lora
+from .costmodel import predict_speedup
 from .probe import gradient_probe
 from .scores import LayerScores
 from .selection import select_layers
@@ -27,5 +28,6 @@ __all__ = [
     "block_targets",
     "find_blocks",
     "gradient_probe",
+    "predict_speedup",
     "select_layers",
 ]

@@ -3,6 +3,7 @@
     aletheia-lora probe --model M --data D --output_dir O [--probe_batches 5 ...]
     aletheia-lora train --model M --data D --output_dir O [--top_pct 50] [any TrainingArguments]
     aletheia-lora demo  [--output_dir O] [--max_steps N]
+    aletheia-lora bench [--random_init PRESET | --model M] [--gradient_checkpointing both] ...
 
 Every field of AletheiaConfig and transformers.TrainingArguments is a flag; ``--config FILE``
 (YAML or JSON) supplies defaults that explicit flags override.
@@ -19,11 +20,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-USAGE = """usage: aletheia-lora {probe,train,demo} [--help] [options]
+USAGE = """usage: aletheia-lora {probe,train,demo,bench} [--help] [options]
 
   probe   score every layer on your data; write layer_scores.json/.png
   train   probe, select, fine-tune with LoRA on the selected layers; write the adapter and a report
   demo    train on the embedded default model and task, and show the before/after metric
+  bench   time all-layer LoRA against the layer selections side by side; write bench.json/.md/.png
 """
 
 
@@ -197,7 +199,22 @@ def _print_summary(result: dict) -> None:
     print(f"\nwrote {', '.join(result['files'])} to {result['output_dir']}")
 
 
-COMMANDS = {"probe": probe, "train": train, "demo": demo}
+def bench(argv: list[str]) -> int:
+    from .bench import BenchArguments, run_bench
+
+    (args,) = _parse((BenchArguments,), argv, "aletheia-lora bench")
+    result = run_bench(
+        args,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        command=["aletheia-lora", "bench", *argv],
+    )
+    print(result["table"])
+    if not args.quiet:
+        print(f"\nwrote {', '.join(result['files'])} to {result['output_dir']}")
+    return 0
+
+
+COMMANDS = {"probe": probe, "train": train, "demo": demo, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

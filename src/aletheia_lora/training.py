@@ -23,7 +23,7 @@ from .architecture import Architecture, find_blocks
 from .config import apply_aletheia_lora
 from .probe import METHODS, PARAMS, gradient_probe
 from .scores import LayerScores
-from .selection import select_layers
+from .selection import STRATEGIES, select_layers
 
 
 @dataclass
@@ -33,6 +33,21 @@ class AletheiaConfig:
     top_pct: float = field(default=50, metadata={"help": "Percentage of layers to adapt, in (0, 100]."})
     top_k: int | None = field(
         default=None, metadata={"help": "Adapt exactly this many layers (overrides top_pct)."}
+    )
+    strategy: str = field(
+        default="top",
+        metadata={
+            "help": "How layers are chosen: 'top' (highest scores), 'depth-aware' (most score per "
+            "predicted training cost), 'random' or 'last' (baselines).",
+            "choices": list(STRATEGIES),
+        },
+    )
+    target_speedup: float | None = field(
+        default=None,
+        metadata={
+            "help": "depth-aware only: the least predicted speedup over all-layer LoRA (e.g. 1.5); "
+            "top_pct/top_k then cap the number of layers."
+        },
     )
     probe_batches: int = field(default=5, metadata={"help": "Forward+backward passes of the gradient probe."})
     probe_batch_size: int = field(default=1, metadata={"help": "Examples per probe batch."})
@@ -98,6 +113,12 @@ class AletheiaConfig:
             raise ValueError(f"probe_params={self.probe_params!r}; use one of {list(PARAMS)}.")
         if self.probe_method not in METHODS:
             raise ValueError(f"probe_method={self.probe_method!r}; use one of {list(METHODS)}.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}; use one of {list(STRATEGIES)}.")
+        if self.target_speedup is not None and (self.strategy != "depth-aware" or self.target_speedup < 1):
+            raise ValueError(
+                f"target_speedup={self.target_speedup}; it needs strategy='depth-aware' and a value >= 1."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,7 +249,15 @@ def prepare_model(
         progress=progress,
     )
     probe_seconds = time.perf_counter() - start
-    selected = select_layers(scores, config.top_pct, top_k=config.top_k)
+    selected = select_layers(
+        scores,
+        config.top_pct,
+        top_k=config.top_k,
+        strategy=config.strategy,
+        seed=config.seed,
+        model=model,
+        target_speedup=config.target_speedup,
+    )
     return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds, arch=arch)
 
 
