@@ -130,3 +130,18 @@ def test_trainer_with_checkpointing_stays_truncated(tmp_path):
     assert set(counts) == {2, 3, 4, 5}
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(changed) == len(before), "every LoRA weight must have trained"
+
+
+def test_restore_backward_removes_the_guards():
+    from aletheia_lora.training import restore_backward
+
+    model = _peft(tiny_model("llama", num_layers=6), checkpointing=False)
+    truncate_backward(model)
+    restore_backward(model)
+    layers = model.base_model.model.model.layers
+    assert not any(hasattr(b, "_aletheia_no_grad_hooks") for b in layers)
+    assert all(not b._forward_pre_hooks for b in layers)
+    model.enable_input_require_grads()  # truncate_backward removed it; a trainer may add it back
+    counts, _ = _count_backward(model)
+    _lora_grads(model)
+    assert set(counts) == set(range(6)), "with the guards gone, forced input grads reach block 0 again"

@@ -296,7 +296,7 @@ def arm_model(
 
     from .architecture import find_blocks
     from .config import apply_aletheia_lora
-    from .training import truncate_backward
+    from .training import restore_backward, truncate_backward
 
     hooks = _hooks(model)
     requires_grad = [p.requires_grad for p in model.parameters()]
@@ -320,9 +320,8 @@ def arm_model(
         if row.gradient_checkpointing:
             _disable_checkpointing(model)
         peft_model.unload()
-        _remove_new_hooks(model, hooks)  # truncate_backward's no-grad guards among them
-        for block in model.modules():
-            block.__dict__.pop("_aletheia_no_grad_hooks", None)
+        restore_backward(model)
+        _remove_new_hooks(model, hooks)
         for p, flag in zip(model.parameters(), requires_grad):
             p.grad = None
             p.requires_grad_(flag)

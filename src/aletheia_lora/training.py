@@ -360,6 +360,13 @@ def truncate_backward(model: nn.Module, *, layers_path: str | None = None) -> in
     return lowest
 
 
+def restore_backward(model: nn.Module, *, layers_path: str | None = None) -> None:
+    """Undo ``truncate_backward``'s no-grad guards (checkpointing settings are left as they are)."""
+    for block in find_blocks(model, layers_path).blocks:
+        for handle in block.__dict__.pop("_aletheia_no_grad_hooks", ()):
+            handle.remove()
+
+
 class TruncatedBackwardCallback(TrainerCallback):
     """Re-applies ``truncate_backward`` once the Trainer has set up gradient checkpointing."""
 
