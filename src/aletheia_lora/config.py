@@ -129,6 +129,15 @@ def aletheia_lora_config(
     )
 
 
+def refuse_peft_model(model: nn.Module) -> None:
+    """A model that PEFT already wraps would get adapters on adapters: refuse, say what to pass."""
+    if type(model).__module__.startswith("peft."):
+        raise TypeError(
+            f"model is already a PEFT model ({type(model).__name__}); pass the base model instead "
+            f"(peft_model.get_base_model(), or peft_model.merge_and_unload() to keep its adapter's effect)."
+        )
+
+
 def _matches(target: Target, name: str) -> bool:
     return target.name == name or target.name.endswith("." + name)
 
@@ -157,6 +166,7 @@ def apply_aletheia_lora(
     unless ``target_modules`` names them. Each given name must match an adaptable module
     in the selected layers. The model itself is not modified.
     """
+    refuse_peft_model(model)
     arch = find_blocks(model, layers_path)
     layers = _check_layers(selected_layers, arch.num_layers)
     available: list[Target] = []

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 
 from .architecture import Architecture, find_blocks
-from .config import apply_aletheia_lora
+from .config import apply_aletheia_lora, refuse_peft_model
 from .probe import METHODS, PARAMS, gradient_probe
 from .scores import LayerScores
 from .selection import STRATEGIES, select_layers
@@ -232,6 +232,7 @@ def prepare_model(
     if unknown:
         raise TypeError(f"unknown AletheiaConfig fields {unknown}; see AletheiaConfig for the settings.")
     config = dataclasses.replace(config, **overrides)
+    refuse_peft_model(model)
 
     arch = find_blocks(model, config.layers_path)
     start = time.perf_counter()
