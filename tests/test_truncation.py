@@ -145,3 +145,39 @@ def test_restore_backward_removes_the_guards():
     counts, _ = _count_backward(model)
     _lora_grads(model)
     assert set(counts) == set(range(6)), "with the guards gone, forced input grads reach block 0 again"
+
+
+def test_non_finite_gradient_stops_before_the_weights_change(tmp_path):
+    from aletheia_lora.training import NonFiniteGuard
+
+    base = tiny_model("llama", num_layers=6)
+    model = get_peft_model(base, apply_aletheia_lora(base, SELECTED, r=4))
+    poisoned = model.base_model.model.model.layers[5].mlp.down_proj
+    calls = {"n": 0}
+
+    def poison_on_second_step(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 2 else output
+
+    poisoned.register_forward_hook(poison_on_second_step)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="steps",
+        save_steps=1,
+        remove_unused_columns=False,
+        use_cpu=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=token_rows(6),
+        data_collator=DataCollator(0),
+        callbacks=[NonFiniteGuard()],
+    )
+    with pytest.raises(FloatingPointError, match="step 2"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "no NaN may reach the weights"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]

@@ -374,3 +374,22 @@ class TruncatedBackwardCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             truncate_backward(model)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop training before a non-finite gradient reaches the weights.
+
+    Checked just before each optimizer step: a NaN/inf gradient raises ``FloatingPointError``
+    naming the step and the parameter, so no NaN weight is ever stepped into, saved or
+    checkpointed (the last checkpoint stays the last good one).
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        for name, param in model.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                raise FloatingPointError(
+                    f"step {state.global_step + 1}: non-finite gradient in {name}; the weights were not updated "
+                    f"and nothing was saved. Lower the learning rate, or train in bf16/fp32 instead of fp16."
+                )
