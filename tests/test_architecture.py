@@ -114,3 +114,17 @@ def test_detection_sees_through_a_peft_model():
     assert arch.num_layers == 2
     assert arch.targets_of(1) == before
     assert torch.is_tensor(next(iter(probed_parameters(arch.blocks[1], "lora-targets").values())))
+
+
+def test_public_api_is_complete_and_lazy():
+    import subprocess
+    import sys
+
+    import aletheia_lora
+
+    assert sorted(aletheia_lora.__all__) == sorted(aletheia_lora._EXPORTS)
+    for name in aletheia_lora.__all__:
+        assert getattr(aletheia_lora, name) is not None
+    code = "import sys, aletheia_lora; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", "import aletheia_lora must not import torch until a name is used"
