@@ -4,6 +4,7 @@
     aletheia-lora train --model M --data D --output_dir O [--top_pct 50] [any TrainingArguments]
     aletheia-lora demo  [--output_dir O] [--max_steps N]
     aletheia-lora bench [--random_init PRESET | --model M] [--gradient_checkpointing both] ...
+    aletheia-lora eval  [--model M] [--adapter DIR] --output_dir O [--suites task,general_text,...]
 
 Every field of AletheiaConfig and transformers.TrainingArguments is a flag; ``--config FILE``
 (YAML or JSON) supplies defaults that explicit flags override.
@@ -20,12 +21,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-USAGE = """usage: aletheia-lora {probe,train,demo,bench} [--help] [options]
+USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval} [--help] [options]
 
   probe   score every layer on your data; write layer_scores.json/.png
   train   probe, select, fine-tune with LoRA on the selected layers; write the adapter and a report
   demo    train on the embedded default model and task, and show the before/after metric
   bench   time all-layer LoRA against the layer selections side by side; write bench.json/.md/.png
+  eval    score a model (+ adapter) on the task and on forgetting suites; write eval.json/.md
 """
 
 
@@ -214,7 +216,69 @@ def bench(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"probe": probe, "train": train, "demo": demo, "bench": bench}
+@dataclass
+class EvalArguments:
+    output_dir: str = field(metadata={"help": "Where eval.json and eval.md go."})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local folder, or empty for the embedded SmolLM2-135M-Instruct."},
+    )
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter folder to load on top."})
+    suites: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Suites, comma- or space-separated, from task, general_text, humaneval, mmlu, gsm8k "
+            "(default: task,general_text,humaneval, plus mmlu/gsm8k when --mmlu_dir/--gsm8k are given)."
+        },
+    )
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Task data (its test split, else all rows); empty: the embedded task."},
+    )
+    text: str | None = field(
+        default=None, metadata={"help": "English text file for general_text (default: pydoc_data.topics)."}
+    )
+    mmlu_dir: str | None = field(
+        default=None, metadata={"help": "Folder of MMLU CSVs (question,A,B,C,D,answer), optional dev/."}
+    )
+    mmlu_shots: int = field(default=0, metadata={"help": "Few-shot rows from dev/ per MMLU question."})
+    gsm8k: str | None = field(default=None, metadata={"help": "GSM8K .jsonl file of {question, answer}."})
+    gsm8k_generate: bool = field(
+        default=False, metadata={"help": "Also greedy-decode GSM8K for exact match."}
+    )
+    generate: bool = field(default=True, metadata={"help": "Greedy exact match on numeric task answers."})
+    limit: int | None = field(
+        default=None, metadata={"help": "Items per suite: the first N after a shuffle seeded by --seed."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the --limit shuffle."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per example / general_text window."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget for exact match."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
+    compare_base: bool = field(
+        default=False, metadata={"help": "Also evaluate the base model (adapter disabled); report deltas."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow a non-empty output directory."}
+    )
+    quiet: bool = field(default=False, metadata={"help": "Print nothing."})
+
+
+def evaluate(argv: list[str]) -> int:
+    from .forgetting import eval_job
+
+    (args,) = _parse((EvalArguments,), argv, "aletheia-lora eval")
+    settings = dataclasses.asdict(args)
+    quiet = settings.pop("quiet")
+    log = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = eval_job(**settings, log=log)
+    if not quiet:
+        print(result["table"])
+        print(f"wrote {', '.join(result['files'])} to {result['output_dir']}")
+    return 0
+
+
+COMMANDS = {"probe": probe, "train": train, "demo": demo, "bench": bench, "eval": evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

