@@ -120,7 +120,7 @@ def probe(argv: list[str]) -> int:
         overwrite_output_dir=out.overwrite_output_dir,
         quiet=out.quiet,
     )
-    if not out.quiet:
+    if not out.quiet and result["main_process"]:
         print(result["chart"])
         print(f"wrote {', '.join(result['files'])} to {result['output_dir']}")
     return 0
@@ -149,7 +149,7 @@ def train(argv: list[str]) -> int:
     if training_args.output_dir is None:
         raise SystemExit("aletheia-lora train: --output_dir is required (where the adapter and report go).")
     result = _run_training(model_args, data_args, flags, run, training_args)
-    if not run.quiet:
+    if not run.quiet and result["main_process"]:  # under torchrun every rank gets here
         _print_summary(result)
     return 0
 
@@ -171,7 +171,7 @@ def demo(argv: list[str]) -> int:
             "probe -> select the top layers -> LoRA on them -> train -> compare the held-out metric.\n"
         )
     result = _run_training(model_args, data_args, flags, run, training_args)
-    if not run.quiet:
+    if not run.quiet and result["main_process"]:  # under torchrun every rank gets here
         _print_summary(result)
     return 0
 

@@ -3,6 +3,9 @@
 Each takes plain dataclasses (the same ones the CLI parses), does the work, writes its files
 atomically into the output directory, and returns a summary dict. Nothing here prints unless
 asked to, and nothing imports the CLI.
+
+Under ``torchrun`` / ``accelerate launch`` every rank runs the job (the probe splits its batches
+across ranks, the Trainer runs DDP), but only the main process writes files and logs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .data import DataCollator, detect_format, load_data, tokenize_dataset, trai
 from .evaluation import exact_match, mean_loss
 from .io import _umask, atomic_write_text
 from .models import load_model
-from .probe import gradient_probe
+from .probe import agree_across_ranks, gradient_probe
 from .scores import LayerScores
 from .selection import select_layers
 from .training import AletheiaConfig, AletheiaPlan, TruncatedBackwardCallback, prepare_model, wrap_with_plan
@@ -45,6 +48,12 @@ class ModelArguments:
         metadata={"help": "Hub id, local folder, or empty for the embedded SmolLM2-135M-Instruct."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weight dtype to load: auto, bfloat16, float16 or float32 (default: the checkpoint's)."
+        },
+    )
 
 
 @dataclass
@@ -234,6 +243,15 @@ def _resolve_resume(value: str | None, output_dir: Path) -> str | None:
     return value
 
 
+def _is_main_process(training_args: TrainingArguments | None = None) -> bool:
+    """Rank 0, or no distributed launch. Sets up ``torch.distributed`` under torchrun/accelerate."""
+    if training_args is not None:  # the Trainer's own device setup (honours --use_cpu, --ddp_backend)
+        return training_args.process_index == 0
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def probe_job(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -247,7 +265,12 @@ def probe_job(
     from .report import plot_layer_scores, terminal_bar_chart
 
     out = check_output_dir(output_dir, overwrite=overwrite_output_dir, create=False)
-    model, tokenizer = load_model(model_args.model, trust_remote_code=model_args.trust_remote_code)
+    main_process = _is_main_process()
+    model, tokenizer = load_model(
+        model_args.model, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code
+    )
+    if torch.cuda.is_available():
+        model.to(f"cuda:{torch.cuda.current_device()}")
     _, _, _, train_tok, _ = _prepare_data(data_args, tokenizer, config.seed)
     scores = gradient_probe(
         model,
@@ -260,18 +283,23 @@ def probe_job(
         seed=config.seed,
         tokenizer=tokenizer,
         layers_path=config.layers_path,
-        progress=not quiet,
+        progress=not quiet and main_process,
     )
     selected = select_layers(scores, config.top_pct, top_k=config.top_k)
+    agree_across_ranks(selected, "selected layers")
     scores.meta["selected_layers"] = selected
-    out.mkdir(parents=True, exist_ok=True)
-    scores.to_json(out / "layer_scores.json")
-    plot_layer_scores(scores, selected, out / "layer_scores.png", title=f"{model_args.model or 'embedded'}")
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        scores.to_json(out / "layer_scores.json")
+        plot_layer_scores(
+            scores, selected, out / "layer_scores.png", title=f"{model_args.model or 'embedded'}"
+        )
     return {
         "scores": scores,
         "selected_layers": selected,
         "chart": terminal_bar_chart(scores, selected),
         "files": ["layer_scores.json", "layer_scores.png"],
+        "main_process": main_process,
         "output_dir": str(out),
     }
 
@@ -288,12 +316,18 @@ def train_job(
     """Probe, select, train, and write the adapter, ``aletheia.json``, plots and ``report.md``."""
     from .report import plot_layer_scores, plot_loss, write_report
 
-    say = (lambda *a: None) if run.quiet else log
     resume = _resolve_resume(training_args.resume_from_checkpoint, Path(training_args.output_dir))
+    # Every rank checks the folder before any rank writes: rank 0 writes only after the probe,
+    # whose collectives every rank joins after its own check.
     out = check_output_dir(
-        training_args.output_dir, overwrite=run.overwrite_output_dir, resuming=bool(resume)
+        training_args.output_dir, overwrite=run.overwrite_output_dir, resuming=bool(resume), create=False
     )
-    model, tokenizer = load_model(model_args.model, trust_remote_code=model_args.trust_remote_code)
+    main_process = _is_main_process(training_args)
+    say = log if main_process and not run.quiet else (lambda *a: None)
+    model, tokenizer = load_model(
+        model_args.model, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code
+    )
+    model.to(training_args.device)  # probe where training runs (each rank: its own device)
     train_rows, eval_rows, fmt, train_tok, eval_tok = _prepare_data(data_args, tokenizer, training_args.seed)
     say(f"data: {len(train_tok)} training / {len(eval_tok)} held-out examples, format {fmt}")
 
@@ -310,7 +344,7 @@ def train_job(
         say(f"resuming from {resume} with the saved selection {plan.selected_layers}")
     else:
         peft_model, plan = prepare_model(
-            model, train_tok, config, tokenizer=tokenizer, progress=not run.quiet
+            model, train_tok, config, tokenizer=tokenizer, progress=not run.quiet and main_process
         )
         say(
             f"probe: {plan.probe_seconds:.1f} s; adapting layers {plan.selected_layers} of {plan.num_layers} "
@@ -330,9 +364,12 @@ def train_job(
         "versions": versions(),
         "command": sys.argv,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan_path, json.dumps(record, indent=1) + "\n")
+    agree_across_ranks(plan.selected_layers, "selected layers")
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(plan_path, json.dumps(record, indent=1) + "\n")
 
+    # Evaluation runs on every rank (no collectives inside, so no rank waits on another).
     say("evaluating before training ...")
     before = _metrics(peft_model, tokenizer, eval_rows, eval_tok, fmt, data_args)
     timer = StepTimer()
@@ -363,7 +400,6 @@ def train_job(
         raise KeyboardInterrupt(f"training interrupted.{hint}") from None
     after = _metrics(peft_model, tokenizer, eval_rows, eval_tok, fmt, data_args)
 
-    save_adapter(peft_model, out)
     files = [
         "adapter_model.safetensors",
         "adapter_config.json",
@@ -372,7 +408,9 @@ def train_job(
         "loss.png",
         "report.md",
     ]
-    if run.merge:
+    if main_process:  # the other ranks trained the same adapter; one copy is written
+        save_adapter(peft_model, out)
+    if run.merge and main_process:
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")
@@ -393,36 +431,43 @@ def train_job(
             "log_history": history,
         }
     )
-    atomic_write_text(plan_path, json.dumps(record, indent=1, default=str) + "\n")
-    plot_layer_scores(
-        plan.scores, plan.selected_layers, out / "layer_scores.png", title=model_args.model or "embedded"
-    )
-    plot_loss(history, out / "loss.png")
-    numeric = ("eval_loss", "exact_match")
-    write_report(
-        out / "report.md",
-        {
-            "model": model_args.model or "embedded SmolLM2-135M-Instruct",
-            "data": data_args.data or "embedded arithmetic task",
-            "num_layers": plan.num_layers,
-            "selected_layers": plan.selected_layers,
-            "scores": dict(plan.scores),
-            "probe_seconds": plan.probe_seconds,
-            "probe": plan.scores.meta,
-            "trainable_params": plan.trainable_params,
-            "all_layer_trainable_params": plan.all_layer_trainable_params,
-            "train_seconds_per_step": record["train_seconds_per_step"],
-            "steps": trainer.state.global_step,
-            "final_train_loss": record["final_train_loss"],
-            "final_eval_loss": after["eval_loss"],
-            "metric_before": {k: before[k] for k in numeric if k in before},
-            "metric_after": {k: after[k] for k in numeric if k in after},
-            "settings": plan.config.to_dict(),
-            "versions": record["versions"],
-            "files": files,
-        },
-    )
-    return record | {"output_dir": str(out), "files": files, "plan_object": plan, "scores": plan.scores}
+    if main_process:
+        atomic_write_text(plan_path, json.dumps(record, indent=1, default=str) + "\n")
+        plot_layer_scores(
+            plan.scores, plan.selected_layers, out / "layer_scores.png", title=model_args.model or "embedded"
+        )
+        plot_loss(history, out / "loss.png")
+        numeric = ("eval_loss", "exact_match")
+        write_report(
+            out / "report.md",
+            {
+                "model": model_args.model or "embedded SmolLM2-135M-Instruct",
+                "data": data_args.data or "embedded arithmetic task",
+                "num_layers": plan.num_layers,
+                "selected_layers": plan.selected_layers,
+                "scores": dict(plan.scores),
+                "probe_seconds": plan.probe_seconds,
+                "probe": plan.scores.meta,
+                "trainable_params": plan.trainable_params,
+                "all_layer_trainable_params": plan.all_layer_trainable_params,
+                "train_seconds_per_step": record["train_seconds_per_step"],
+                "steps": trainer.state.global_step,
+                "final_train_loss": record["final_train_loss"],
+                "final_eval_loss": after["eval_loss"],
+                "metric_before": {k: before[k] for k in numeric if k in before},
+                "metric_after": {k: after[k] for k in numeric if k in after},
+                "settings": plan.config.to_dict(),
+                "versions": record["versions"],
+                "files": files,
+            },
+        )
+    return record | {
+        "output_dir": str(out),
+        "files": files,
+        "plan_object": plan,
+        "scores": plan.scores,
+        "main_process": main_process,
+    }
 
 
 def load_plan(output_dir: str | os.PathLike) -> AletheiaPlan:

@@ -22,6 +22,13 @@ Two ways to get the same numbers:
 
 The model comes back exactly as it went in: requires_grad flags, train/eval modes, dtype,
 device, ``.grad`` tensors, and no hooks left behind.
+
+Data parallel (``torchrun`` / ``accelerate launch``): when ``torch.distributed`` is initialized
+with more than one rank, every rank builds the same seeded batch list and probes its share,
+``batches[rank::world_size]``; the per-tensor sums and token counts are then all-reduced, so
+every rank ends with the same scores, equal to a single-process probe over the same batches
+(up to summation order). A rank without a batch (fewer batches than ranks) adds zeros. A rank
+that fails makes every rank raise, never a hang. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -117,10 +124,24 @@ def gradient_probe(
             "check the dataset's labels / attention_mask."
         )
 
+    rank, world_size = _rank_and_world_size()
+    mine = list(enumerate(batches))[rank::world_size]  # (index, batch): all of them on one process
+
     start = time.perf_counter()
+    failure: Exception | None = None
     with _probe_state(model, device, dtype, train_mode) as (run_device, autocast_dtype, compute_dtype):
         run = _onepass if method == "onepass" else _chunked
-        per_tensor = run(model, arch, batches, params, run_device, autocast_dtype, seed, chunk_size, progress)
+        show = progress and rank == 0
+        try:
+            per_tensor = run(model, arch, mine, params, run_device, autocast_dtype, seed, chunk_size, show)
+        except Exception as err:
+            if world_size == 1:
+                raise
+            failure, per_tensor = err, {}  # the other ranks must hear of it before anyone raises
+    if world_size > 1:
+        _raise_if_any_rank_failed(failure, rank)
+        my_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in mine)
+        per_tensor = _all_reduce_scores(per_tensor, my_tokens, arch, params, tokens)
     seconds = time.perf_counter() - start
 
     meta = {
@@ -136,8 +157,11 @@ def gradient_probe(
         "model": type(model).__name__,
         "dtype": str(compute_dtype).replace("torch.", ""),
         "train_mode": train_mode,
+        "world_size": world_size,
     }
-    return _to_scores(arch, per_tensor, meta)
+    scores = _to_scores(arch, per_tensor, meta)
+    agree_across_ranks(dict(scores), "layer scores")
+    return scores
 
 
 def _to_scores(arch: Architecture, per_tensor: dict[int, dict[str, float]], meta: dict) -> LayerScores:
@@ -269,7 +293,7 @@ def _onepass(model, arch, batches, params, device, autocast_dtype, seed, chunk_s
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     try:
-        for i, batch in enumerate(_bar(batches, progress, "probe")):
+        for i, batch in _bar(batches, progress, "probe"):
             _backward(model, batch, device, autocast_dtype, seed, i)
     finally:
         for h in handles:
@@ -283,7 +307,7 @@ def _onepass(model, arch, batches, params, device, autocast_dtype, seed, chunk_s
 def _chunked(model, arch, batches, params, device, autocast_dtype, seed, chunk_size, progress):
     per_tensor: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     chunks = [range(s, min(s + chunk_size, arch.num_layers)) for s in range(0, arch.num_layers, chunk_size)]
-    work = [(i, batch, chunk) for i, batch in enumerate(batches) for chunk in chunks]
+    work = [(i, batch, chunk) for i, batch in batches for chunk in chunks]
     for i, batch, chunk in _bar(work, progress, "probe (chunked)"):
         probed = {layer: probed_parameters(arch.blocks[layer], params) for layer in chunk}
         for tensors in probed.values():
@@ -301,6 +325,70 @@ def _chunked(model, arch, batches, params, device, autocast_dtype, seed, chunk_s
                     p.grad = None
                     p.requires_grad_(False)
     return {layer: dict(v) for layer, v in per_tensor.items()}
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _raise_if_any_rank_failed(failure: Exception | None, rank: int) -> None:
+    """Every rank learns whether any rank failed its share, and then all of them raise."""
+    reports: list[str | None] = [None] * torch.distributed.get_world_size()
+    mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+    torch.distributed.all_gather_object(reports, mine)
+    failed = {r: report for r, report in enumerate(reports) if report is not None}
+    if not failed:
+        return
+    if failure is not None:
+        raise failure
+    named = "; ".join(f"rank {r}: {report}" for r, report in failed.items())
+    raise RuntimeError(f"the gradient probe failed on another rank (this is rank {rank}): {named}")
+
+
+def _all_reduce_scores(
+    per_tensor: dict[int, dict[str, float]], my_tokens: int, arch: Architecture, params: str, tokens: int
+) -> dict[int, dict[str, float]]:
+    """Sum every rank's per-tensor norms and target-token count (float64, one fixed order)."""
+    keys = [
+        (layer, name) for layer, block in enumerate(arch.blocks) for name in probed_parameters(block, params)
+    ]
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    values = [per_tensor.get(layer, {}).get(name, 0.0) for layer, name in keys]
+    total = torch.tensor([*values, my_tokens, tokens], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    *total, probed, expected = total.tolist()
+    # Same batch list on every rank: each expects all tokens, together they probe them once.
+    # Decided from the reduced numbers, so every rank raises or none does.
+    if expected != probed * torch.distributed.get_world_size():
+        raise RuntimeError(
+            f"the ranks probed {int(probed)} target tokens in all, but their batch lists hold "
+            f"{int(expected)} over {torch.distributed.get_world_size()} ranks; the ranks built different "
+            f"probe batches (give every rank the same dataset and seed)."
+        )
+    summed: dict[int, dict[str, float]] = defaultdict(dict)
+    for (layer, name), value in zip(keys, total):
+        summed[layer][name] = value
+    return dict(summed)
+
+
+def agree_across_ranks(value: Any, what: str) -> None:
+    """Raise on every rank unless ``value`` is the same on all ranks (a no-op on one process)."""
+    rank, world_size = _rank_and_world_size()
+    if world_size == 1:
+        return
+    values: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(values, value)
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise RuntimeError(
+            f"{what} differ across ranks (rank 0: {values[0]!r}; ranks {differ} differ; this is rank {rank})."
+        )
 
 
 # --------------------------------------------------------------------------- model state
