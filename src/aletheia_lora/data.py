@@ -152,7 +152,7 @@ def detect_format(columns: Iterable[str]) -> str:
         return "alpaca"
     if "text" in cols:
         return "text"
-    raise ValueError(f"rows have columns {sorted(cols)}; {_EXPECTED}")
+    raise ValueError(f"rows have columns {sorted(map(str, cols))}; {_EXPECTED}")
 
 
 def _normalise_format(format: str) -> str:
@@ -204,6 +204,19 @@ def _text(row: Mapping[str, Any], key: str, index: int) -> str:
         return ""
     if not isinstance(value, str):
         raise ValueError(f"row {index}: column {key!r} is {type(value).__name__}, expected a string")
+    return _checked_text(value, f"row {index}: column {key!r}")
+
+
+def _checked_text(value: str, where: str) -> str:
+    """``value`` if it is valid Unicode; tokenizers fail obscurely on lone surrogates such as the
+    JSON escape ``"\\ud800"``, so name the row instead."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where} holds invalid Unicode ({err.reason}: {value[err.start : err.end]!r} at character "
+            f"{err.start}, e.g. a lone surrogate escape in JSON); fix or remove that text"
+        ) from None
     return value
 
 
@@ -216,6 +229,13 @@ def _message_segments(messages: Any, tokenizer: PreTrainedTokenizerBase, index: 
         isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
     ):
         raise ValueError(f"row {index}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts")
+    for turn, m in enumerate(messages):
+        for key in ("role", "content"):
+            if not isinstance(m[key], str):
+                raise ValueError(
+                    f"row {index}: messages[{turn}][{key!r}] is {type(m[key]).__name__}, expected a string"
+                )
+            _checked_text(m[key], f"row {index}: messages[{turn}][{key!r}]")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     texts: list[tuple[str, bool]] = []
     if not _has_chat_template(tokenizer):  # plain "role: content" lines
@@ -329,11 +349,12 @@ def tokenize_dataset(
     rows = list(rows)
     if not rows:
         raise ValueError("no rows to tokenize; the dataset is empty")
-    fmt = _normalise_format(format) if format is not None else detect_format(rows[0].keys())
-    out: list[dict[str, list[int]]] = []
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ValueError(f"row {index} is a {type(row).__name__}, expected a dict of columns")
+    fmt = _normalise_format(format) if format is not None else detect_format(rows[0].keys())
+    out: list[dict[str, list[int]]] = []
+    for index, row in enumerate(rows):
         input_ids: list[int] = []
         labels: list[int] = []
         for ids, loss in _row_segments(row, fmt, tokenizer, index):
@@ -478,10 +499,17 @@ def _read_file(path: Path) -> list[dict]:
     if suffix == ".parquet":
         rows = _read_parquet(path)
     else:
+        raw = path.read_bytes()
+        raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte order mark
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise _bad_file(path, f"not UTF-8 text ({err})") from err
+            bad = raw[err.start : err.end]
+            raise _bad_file(
+                path,
+                f"not UTF-8 text (byte {bad!r} at byte offset {err.start}: {err.reason}); re-save it as UTF-8",
+                raw[: err.start].count(b"\n") + 1,
+            ) from err
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
         rows = reader(path, text)
     if not rows:
