@@ -175,3 +175,17 @@ def test_config_and_prepare_model_carry_the_strategy():
         target_speedup=1.3,
     )
     assert cost_model(model).speedup(plan.selected_layers) >= 1.3
+
+
+def test_prepare_model_costs_depth_aware_with_the_ranks_it_trains():
+    expected_cost = cost_model(tiny_model("llama", num_layers=6), r=4, mlp_r=32)
+    _, plan = prepare_model(
+        tiny_model("llama", num_layers=6),
+        token_rows(4),
+        probe_batches=2,
+        strategy="depth-aware",
+        r=4,
+        mlp_r=32,
+    )
+    assert plan.config.strategy == "depth-aware"
+    assert plan.selected_layers == select_layers(plan.scores, 50, strategy="depth-aware", cost=expected_cost)

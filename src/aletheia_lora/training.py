@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from .architecture import Architecture, find_blocks
 from .config import apply_aletheia_lora, refuse_peft_model
+from .costmodel import cost_model
 from .probe import METHODS, PARAMS, gradient_probe
 from .scores import LayerScores
 from .selection import STRATEGIES, select_layers
@@ -250,13 +251,23 @@ def prepare_model(
         progress=progress,
     )
     probe_seconds = time.perf_counter() - start
+    cost = None
+    if config.strategy == "depth-aware":  # costed with the ranks and targets that will be trained
+        cost = cost_model(
+            model,
+            r=config.r,
+            attention_r=config.attention_r,
+            mlp_r=config.mlp_r,
+            target_modules=config.target_modules,
+            layers_path=config.layers_path,
+        )
     selected = select_layers(
         scores,
         config.top_pct,
         top_k=config.top_k,
         strategy=config.strategy,
         seed=config.seed,
-        model=model,
+        cost=cost,
         target_speedup=config.target_speedup,
     )
     return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds, arch=arch)
