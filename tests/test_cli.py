@@ -101,6 +101,14 @@ def test_probe_writes_scores_and_plot_and_prints_chart(workspace, tmp_path, caps
     assert "layer_scores.json" in printed and str(out) in printed
 
 
+def test_probe_honours_the_strategy(workspace, tmp_path):
+    out = tmp_path / "probe-last"
+    rc = main(["probe", *_base(workspace), "--output_dir", str(out), "--probe_batches", "2",
+               "--max_length", "32", "--strategy", "last", "--quiet", "true"])  # fmt: skip
+    assert rc == 0
+    assert LayerScores.from_json(out / "layer_scores.json").meta["selected_layers"] == [2, 3]
+
+
 def test_probe_quiet_prints_nothing(workspace, tmp_path, capsys):
     rc = main(["probe", *_base(workspace), "--output_dir", str(tmp_path / "p"), "--probe_batches", "1",
                "--max_length", "16", "--quiet", "true"])  # fmt: skip

@@ -33,10 +33,16 @@ from .data import DataCollator, detect_format, load_data, tokenize_dataset, trai
 from .evaluation import exact_match, mean_loss
 from .io import _umask, atomic_write_text
 from .models import load_model
-from .probe import agree_across_ranks, gradient_probe
+from .probe import agree_across_ranks
 from .scores import LayerScores
-from .selection import select_layers
-from .training import AletheiaConfig, AletheiaPlan, TruncatedBackwardCallback, prepare_model, wrap_with_plan
+from .training import (
+    AletheiaConfig,
+    AletheiaPlan,
+    TruncatedBackwardCallback,
+    prepare_model,
+    probe_and_select,
+    wrap_with_plan,
+)
 
 PLAN_FILE = "aletheia.json"
 
@@ -272,20 +278,9 @@ def probe_job(
     if torch.cuda.is_available():
         model.to(f"cuda:{torch.cuda.current_device()}")
     _, _, _, train_tok, _ = _prepare_data(data_args, tokenizer, config.seed)
-    scores = gradient_probe(
-        model,
-        train_tok,
-        probe_batches=config.probe_batches,
-        batch_size=config.probe_batch_size,
-        max_length=config.probe_max_length,
-        params=config.probe_params,
-        method=config.probe_method,
-        seed=config.seed,
-        tokenizer=tokenizer,
-        layers_path=config.layers_path,
-        progress=not quiet and main_process,
+    scores, selected, _ = probe_and_select(
+        model, train_tok, config, tokenizer=tokenizer, progress=not quiet and main_process
     )
-    selected = select_layers(scores, config.top_pct, top_k=config.top_k)
     agree_across_ranks(selected, "selected layers")
     scores.meta["selected_layers"] = selected
     if main_process:

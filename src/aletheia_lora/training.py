@@ -234,8 +234,16 @@ def prepare_model(
         raise TypeError(f"unknown AletheiaConfig fields {unknown}; see AletheiaConfig for the settings.")
     config = dataclasses.replace(config, **overrides)
     refuse_peft_model(model)
+    scores, selected, probe_seconds = probe_and_select(
+        model, dataset, config, tokenizer=tokenizer, progress=progress
+    )
+    return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds)
 
-    arch = find_blocks(model, config.layers_path)
+
+def probe_and_select(
+    model: nn.Module, dataset: Any, config: AletheiaConfig, *, tokenizer: Any = None, progress: bool = False
+) -> tuple[LayerScores, list[int], float]:
+    """The probe and the selection ``config`` asks for: ``(scores, selected_layers, probe_seconds)``."""
     start = time.perf_counter()
     scores = gradient_probe(
         model,
@@ -270,7 +278,7 @@ def prepare_model(
         cost=cost,
         target_speedup=config.target_speedup,
     )
-    return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds, arch=arch)
+    return scores, selected, probe_seconds
 
 
 def wrap_with_plan(
