@@ -195,3 +195,19 @@ def test_exact_match_prompts_the_model_as_training_did():
     model.get_input_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0][0].tolist()))
     exact_match(model, tokenizer, [row], max_new_tokens=1)
     assert seen[0] == prompt
+
+
+def test_plan_predicts_the_speedup_of_its_selection():
+    from aletheia_lora import predict_speedup
+
+    _, last = prepare_model(
+        tiny_model("llama", num_layers=6), token_rows(4), probe_batches=2, strategy="last"
+    )
+    assert last.predicted_speedup == pytest.approx(
+        predict_speedup(tiny_model("llama", num_layers=6), [3, 4, 5])
+    )
+    assert last.predicted_speedup > 1.0
+    _, everything = prepare_model(
+        tiny_model("llama", num_layers=6), token_rows(4), probe_batches=2, top_pct=100
+    )
+    assert everything.predicted_speedup == pytest.approx(1.0)

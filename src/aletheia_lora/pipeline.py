@@ -445,6 +445,7 @@ def train_job(
                 "probe": plan.scores.meta,
                 "trainable_params": plan.trainable_params,
                 "all_layer_trainable_params": plan.all_layer_trainable_params,
+                "predicted_speedup": plan.predicted_speedup,
                 "train_seconds_per_step": record["train_seconds_per_step"],
                 "steps": trainer.state.global_step,
                 "final_train_loss": record["final_train_loss"],

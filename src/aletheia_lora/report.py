@@ -319,6 +319,10 @@ def _summary_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
         )
     elif info.get("all_layer_trainable_params") is not None:
         rows.append(("all-layer LoRA parameters", _fmt(info["all_layer_trainable_params"])))
+    if _is_number(info.get("predicted_speedup")):
+        rows.append(
+            ("predicted step speedup vs all-layer LoRA", f"{info['predicted_speedup']:.2f}x (cost model)")
+        )
     probe = info.get("probe") if isinstance(info.get("probe"), Mapping) else {}
     probe_s = info.get("probe_seconds", probe.get("seconds"))
     if _is_number(probe_s):

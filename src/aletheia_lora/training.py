@@ -137,6 +137,7 @@ class AletheiaPlan:
     probe_seconds: float
     trainable_params: int
     all_layer_trainable_params: int
+    predicted_speedup: float | None = None  # step time of all-layer LoRA / this plan's (cost model)
 
     @property
     def trainable_fraction(self) -> float:
@@ -152,6 +153,7 @@ class AletheiaPlan:
             "probe_seconds": self.probe_seconds,
             "trainable_params": self.trainable_params,
             "all_layer_trainable_params": self.all_layer_trainable_params,
+            "predicted_speedup": self.predicted_speedup,
             "config": self.config.to_dict(),
             "lora_config": json.loads(json.dumps(lora, default=str)),
             "scores": self.scores.to_dict(),
@@ -174,6 +176,7 @@ class AletheiaPlan:
             probe_seconds=data["probe_seconds"],
             trainable_params=data["trainable_params"],
             all_layer_trainable_params=data["all_layer_trainable_params"],
+            predicted_speedup=data.get("predicted_speedup"),
         )
 
     @classmethod
@@ -314,6 +317,14 @@ def wrap_with_plan(
         probe_seconds=probe_seconds,
         trainable_params=lora_param_count(model, lora_config, arch),
         all_layer_trainable_params=lora_param_count(model, everything, arch),
+        predicted_speedup=cost_model(
+            model,
+            r=config.r,
+            attention_r=config.attention_r,
+            mlp_r=config.mlp_r,
+            target_modules=config.target_modules,
+            layers_path=config.layers_path,
+        ).speedup(selected),
     )
     with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: make them a function of the seed
         torch.manual_seed(config.seed)
