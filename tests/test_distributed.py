@@ -163,3 +163,160 @@ def test_torchrun_train_writes_one_adapter(tmp_path):
     losses = [h["loss"] for h in record["log_history"] if "loss" in h]
     assert losses and all(math.isfinite(x) for x in losses)
     assert math.isfinite(record["final_train_loss"])
+
+
+# A user's own training script: prepare_model + transformers.Trainer, under accelerate launch.
+USER_SCRIPT = """
+import hashlib, json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+import transformers as T
+from conftest import tiny_model, token_rows
+from aletheia_lora import prepare_model
+from aletheia_lora.data import DataCollator
+from aletheia_lora.training import TruncatedBackwardCallback
+
+torch.set_num_threads(1)
+args = T.TrainingArguments(
+    output_dir=os.path.join({out!r}, "trainer"), use_cpu=True, max_steps=3, seed=0,
+    per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+    report_to="none", disable_tqdm=True, ddp_find_unused_parameters=False,
+)
+args.device  # sets up the process group now, so the probe below runs data-parallel
+assert dist.is_initialized() and dist.get_world_size() == 2
+rows = token_rows(16)
+model, plan = prepare_model(tiny_model("llama"), rows, top_k=2, r=4, probe_batches=4)
+assert plan.scores.meta["world_size"] == 2, plan.scores.meta
+trainer = T.Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollator(0),
+                    callbacks=[TruncatedBackwardCallback()])
+result = trainer.train()
+digest, lora_b_abs = hashlib.sha256(), 0.0
+for name, p in sorted(model.named_parameters()):
+    if "lora_" in name:
+        digest.update(name.encode())
+        digest.update(p.detach().double().numpy().tobytes())
+        lora_b_abs += float(p.abs().sum()) if "lora_B" in name else 0.0
+with open(os.path.join({out!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
+    json.dump({{"selected": plan.selected_layers, "lora_sha256": digest.hexdigest(),
+               "lora_b_abs": lora_b_abs, "train_loss": result.training_loss,
+               "wrapped": type(trainer.model_wrapped).__name__,
+               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}}, f)
+"""
+
+
+def test_accelerate_launch_user_script_with_prepare_model_and_trainer(tmp_path):
+    script = tmp_path / "user_script.py"
+    script.write_text(USER_SCRIPT.format(tests=str(TESTS), out=str(tmp_path)))
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["selected"] == r1["selected"] and len(r0["selected"]) == 2
+    assert r0["lora_sha256"] == r1["lora_sha256"]  # DDP kept the LoRA weights bit-identical
+    assert r0["lora_b_abs"] > 0  # B starts at zero: training moved it
+    assert r0["wrapped"] == r1["wrapped"] == "DistributedDataParallel"
+    for r in (r0, r1):
+        assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+        assert math.isfinite(r["train_loss"])
+
+
+# FSDP2 (torch.distributed.fsdp.fully_shard) over gloo on CPU: LoRA first, then shard, then probe.
+FSDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+from conftest import tiny_model, token_rows
+from peft import get_peft_model
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from aletheia_lora import apply_aletheia_lora, gradient_probe
+
+torch.set_num_threads(1)
+model, rows = tiny_model("llama"), token_rows(8)
+kw = dict(probe_batches=4, batch_size=2, max_length=16)
+methods = ("onepass", "chunked")
+reference = {{m: dict(gradient_probe(model, rows, method=m, **kw)) for m in methods}}  # one process
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+peft = get_peft_model(model, apply_aletheia_lora(model, [1, 2], r=4))
+for layer in peft.base_model.model.model.layers:
+    fully_shard(layer)
+fully_shard(peft)
+result = {{"reference": reference, "sharded": all(isinstance(p, DTensor) for p in peft.parameters())}}
+for m in methods:
+    scores = gradient_probe(peft, rows, method=m, **kw)
+    result[m] = {{"scores": dict(scores), "world_size": scores.meta["world_size"]}}
+opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+g, losses = torch.Generator().manual_seed(rank), []  # each rank its own data
+for _ in range(3):
+    ids = torch.randint(3, 100, (2, 12), generator=g)
+    loss = peft(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    losses.append(loss.item())
+result["losses"] = losses
+result["still_sharded"] = all(isinstance(p, DTensor) for p in peft.parameters())
+result["lora_b"] = {{n: p.full_tensor().abs().sum().item() for n, p in peft.named_parameters() if "lora_B" in n}}
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("fsdp")
+    script = root / "fsdp_script.py"
+    script.write_text(FSDP_SCRIPT.format(tests=str(TESTS), out=str(root)))
+    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env=_env(RANK=str(r), LOCAL_RANK=str(r), **common),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        errors = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-4000:]
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_fsdp2_onepass_probe_on_a_sharded_lora_model_matches_the_unsharded_probe(fsdp_ranks):
+    r0, r1 = fsdp_ranks
+    assert r0["sharded"] and r1["sharded"]  # every parameter is a DTensor shard
+    assert r0["onepass"]["scores"] == r1["onepass"]["scores"]
+    assert r0["onepass"]["world_size"] == 2
+    _rel_close(r0["onepass"]["scores"], r0["reference"]["onepass"])
+
+
+def test_fsdp2_training_after_the_probe_keeps_lora_in_sync(fsdp_ranks):
+    r0, r1 = fsdp_ranks
+    assert r0["still_sharded"] and r1["still_sharded"]  # the probe left the FSDP state alone
+    assert r0["lora_b"] == r1["lora_b"] and all(v > 0 for v in r0["lora_b"].values())
+    assert all(math.isfinite(x) for x in r0["losses"] + r1["losses"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="method='chunked' reads param.grad, which under FSDP2 is this rank's shard only: "
+    "the scores come out wrong, without an error (see docs/distributed.md)",
+)
+def test_fsdp2_chunked_probe_on_a_sharded_model(fsdp_ranks):
+    r0, _ = fsdp_ranks
+    _rel_close(r0["chunked"]["scores"], r0["reference"]["chunked"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_model, token_rows
@@ -49,3 +51,55 @@ def test_tied_embeddings_are_not_adapted_or_probed():
     )
     config = apply_aletheia_lora(model, [1])
     assert not any("embed" in t or "lm_head" in t for t in config.target_modules)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int, hidden: int = 16):
+        super().__init__()
+        self.attn = torch.nn.Module()
+        self.attn.q_proj = torch.nn.Linear(hidden, hidden)
+        self.mlp = torch.nn.Module()
+        self.mlp.up_proj = torch.nn.Linear(hidden, width)
+        self.mlp.down_proj = torch.nn.Linear(width, hidden)
+
+    def forward(self, x):
+        return x + self.mlp.down_proj(torch.relu(self.mlp.up_proj(self.attn.q_proj(x))))
+
+
+class _UnevenLM(torch.nn.Module):
+    """A causal LM whose blocks have different MLP widths (8, 32, 64)."""
+
+    def __init__(self, widths=(8, 32, 64), vocab: int = 128, hidden: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList(_Block(w, hidden) for w in widths)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x)
+        return SimpleNamespace(logits=self.head(x))
+
+
+def test_blocks_of_different_widths_are_probed_costed_and_adapted():
+    from aletheia_lora.training import lora_param_count
+
+    model = _UnevenLM()
+    scores = gradient_probe(model, token_rows(4), probe_batches=2)
+    onepass_vs_chunked = gradient_probe(model, token_rows(4), probe_batches=2, method="chunked")
+    for layer in scores:
+        assert scores[layer] == pytest.approx(onepass_vs_chunked[layer], rel=1e-4)
+    config = apply_aletheia_lora(model, [0, 2], r=2, task_type=None)
+    expected = sum(2 * (w.in_features + w.out_features) for i in (0, 2) for w in _linears(model.layers[i]))
+    assert lora_param_count(model, config) == expected
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == expected
+
+
+def _linears(block):
+    return [m for m in block.modules() if isinstance(m, torch.nn.Linear)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model, token_rows
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from aletheia_lora import apply_aletheia_lora
 from aletheia_lora.batches import pad_rows
@@ -181,3 +181,50 @@ def test_non_finite_gradient_stops_before_the_weights_change(tmp_path):
         trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters()), "no NaN may reach the weights"
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_non_finite_gradient_step_is_skipped_when_asked(tmp_path):
+    from aletheia_lora.training import NonFiniteGuard
+
+    base = tiny_model("llama", num_layers=6)
+    model = get_peft_model(base, apply_aletheia_lora(base, SELECTED, r=4))
+    calls = {"n": 0}
+    snapshots = []
+
+    def poison_on_second_step(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 2 else output
+
+    model.base_model.model.model.layers[5].mlp.down_proj.register_forward_hook(poison_on_second_step)
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append([p.detach().clone() for p in lora])
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+    )
+    guard = NonFiniteGuard(skip=True)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=token_rows(6),
+        data_collator=DataCollator(0),
+        callbacks=[guard, Snapshot()],
+    )
+    with pytest.warns(UserWarning, match="step 2: non-finite gradient"):
+        trainer.train()
+    assert guard.skipped == [2]
+    assert trainer.state.global_step == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1])), (
+        "the skipped step changed weights"
+    )
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2])), "step 3 must train again"

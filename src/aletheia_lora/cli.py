@@ -291,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, ImportError, TypeError) as err:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        OSError,
+        ImportError,
+        TypeError,
+        FloatingPointError,
+    ) as err:
         print(f"aletheia-lora {argv[0]}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:

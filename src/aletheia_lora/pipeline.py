@@ -38,6 +38,7 @@ from .scores import LayerScores
 from .training import (
     AletheiaConfig,
     AletheiaPlan,
+    NonFiniteGuard,
     TruncatedBackwardCallback,
     prepare_model,
     probe_and_select,
@@ -105,6 +106,12 @@ class RunArguments:
     )
     quiet: bool = field(default=False, metadata={"help": "No progress bars or summaries."})
     merge: bool = field(default=False, metadata={"help": "Also save the merged model to OUTPUT_DIR/merged."})
+    skip_nonfinite_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip optimizer steps with a NaN/inf gradient instead of stopping (default: stop)."
+        },
+    )
 
 
 @dataclass
@@ -368,12 +375,13 @@ def train_job(
     say("evaluating before training ...")
     before = _metrics(peft_model, tokenizer, eval_rows, eval_tok, fmt, data_args)
     timer = StepTimer()
+    guard = NonFiniteGuard(skip=run.skip_nonfinite_steps)
     trainer = Trainer(
         model=peft_model,
         args=training_args,
         train_dataset=train_tok,
         data_collator=DataCollator(tokenizer.pad_token_id),
-        callbacks=[timer, TruncatedBackwardCallback()],
+        callbacks=[timer, TruncatedBackwardCallback(), guard],
     )
     done = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")) if resume else None
     try:
@@ -421,6 +429,7 @@ def train_job(
             "train_seconds": sum(timer.seconds),
             "final_train_loss": train_losses[-1] if train_losses else run_mean_loss,
             "mean_train_loss": run_mean_loss,
+            "skipped_nonfinite_steps": guard.skipped,
             "metrics_before": before,
             "metrics_after": after,
             "log_history": history,

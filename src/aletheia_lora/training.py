@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -407,19 +408,40 @@ class TruncatedBackwardCallback(TrainerCallback):
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Stop training before a non-finite gradient reaches the weights.
+    """Never let a non-finite gradient reach the weights.
 
-    Checked just before each optimizer step: a NaN/inf gradient raises ``FloatingPointError``
-    naming the step and the parameter, so no NaN weight is ever stepped into, saved or
-    checkpointed (the last checkpoint stays the last good one).
+    Checked just before each optimizer step. By default a NaN/inf gradient raises
+    ``FloatingPointError`` naming the step and the parameter, so no NaN weight is ever stepped
+    into, saved or checkpointed (the last checkpoint stays the last good one). With
+    ``skip=True`` the step is skipped instead (every gradient is dropped, so the optimizer
+    leaves all weights and its state alone), with a warning; ``skipped`` lists those steps.
     """
+
+    def __init__(self, skip: bool = False) -> None:
+        self.skip = skip
+        self.skipped: list[int] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
-        for name, param in model.named_parameters():
-            if param.grad is not None and not torch.isfinite(param.grad).all():
-                raise FloatingPointError(
-                    f"step {state.global_step + 1}: non-finite gradient in {name}; the weights were not updated "
-                    f"and nothing was saved. Lower the learning rate, or train in bf16/fp32 instead of fp16."
-                )
+        bad = next(
+            (
+                n
+                for n, p in model.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ),
+            None,
+        )
+        if bad is None:
+            return
+        step = state.global_step + 1
+        if not self.skip:
+            raise FloatingPointError(
+                f"step {step}: non-finite gradient in {bad}; the weights were not updated and nothing was "
+                f"saved. Lower the learning rate, train in bf16/fp32 instead of fp16, or pass "
+                f"--skip_nonfinite_steps to skip such steps."
+            )
+        for param in model.parameters():
+            param.grad = None  # optimizers skip parameters without a gradient
+        self.skipped.append(step)
+        warnings.warn(f"step {step}: non-finite gradient in {bad}; step skipped.", stacklevel=2)
