@@ -109,6 +109,11 @@ def gradient_probe(
     if method == "chunked" and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}; it must be >= 1.")
     arch = find_blocks(model, layers_path)
+    if method == "chunked" and any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(
+            "method='chunked' reads full weight gradients, which FSDP reduces across ranks before the "
+            "probe can see this rank's own; use method='onepass' (the default) on a sharded model."
+        )
     if num_layers is not None and num_layers != arch.num_layers:
         raise ValueError(
             f"num_layers={num_layers} but {type(model).__name__} has {arch.num_layers} blocks at "
