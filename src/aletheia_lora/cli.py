@@ -186,7 +186,7 @@ def _print_summary(result: dict) -> None:
     print(
         f"trainable parameters: {plan.trainable_params:,} "
         f"({plan.trainable_fraction:.0%} of all-layer LoRA's {plan.all_layer_trainable_params:,}); "
-        f"predicted step speedup {plan.predicted_speedup:.2f}x (cost model)"
+        f"predicted step speedup {plan.predicted_speedup:.2f}x (cost model fitted on an H200)"
     )
     if result.get("train_seconds_per_step"):
         print(f"probe {plan.probe_seconds:.1f} s; training {result['train_seconds_per_step']:.2f} s/step "

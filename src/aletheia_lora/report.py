@@ -321,7 +321,10 @@ def _summary_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("all-layer LoRA parameters", _fmt(info["all_layer_trainable_params"])))
     if _is_number(info.get("predicted_speedup")):
         rows.append(
-            ("predicted step speedup vs all-layer LoRA", f"{info['predicted_speedup']:.2f}x (cost model)")
+            (
+                "predicted step speedup vs all-layer LoRA",
+                f"{info['predicted_speedup']:.2f}x (cost model fitted on an H200)",
+            )
         )
     probe = info.get("probe") if isinstance(info.get("probe"), Mapping) else {}
     probe_s = info.get("probe_seconds", probe.get("seconds"))
