@@ -83,11 +83,10 @@ def _env(**extra: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("dist")
-    script = root / "probe_script.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS), out=str(root)))
+def _run_two_ranks(script_text: str, root) -> dict:
+    """Run ``script_text`` as ranks 0 and 1 (gloo, env rendezvous); collect exit codes and rank files."""
+    script = root / "script.py"
+    script.write_text(script_text.format(tests=str(TESTS), out=str(root)))
     common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [
         subprocess.Popen(
@@ -113,6 +112,11 @@ def two_ranks(tmp_path_factory) -> dict:
         for r in range(2)
     ]
     return {"procs": outputs, "results": results}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    return _run_two_ranks(SCRIPT, tmp_path_factory.mktemp("dist"))
 
 
 def _rel_close(a: dict, b: dict) -> None:
@@ -277,29 +281,10 @@ with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
 
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory) -> list[dict]:
-    root = tmp_path_factory.mktemp("fsdp")
-    script = root / "fsdp_script.py"
-    script.write_text(FSDP_SCRIPT.format(tests=str(TESTS), out=str(root)))
-    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), **common),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        errors = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, err in zip(procs, errors):
-        assert p.returncode == 0, err[-4000:]
-    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    run = _run_two_ranks(FSDP_SCRIPT, tmp_path_factory.mktemp("fsdp"))
+    for proc in run["procs"]:
+        assert proc["rc"] == 0, proc["stderr"][-4000:]
+    return run["results"]
 
 
 def test_fsdp2_onepass_probe_on_a_sharded_lora_model_matches_the_unsharded_probe(fsdp_ranks):

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from .architecture import Architecture, find_blocks
 from .config import apply_aletheia_lora, refuse_peft_model
-from .costmodel import cost_model
+from .costmodel import CostModel, cost_model
 from .probe import METHODS, PARAMS, gradient_probe
 from .scores import LayerScores
 from .selection import STRATEGIES, select_layers
@@ -244,6 +244,18 @@ def prepare_model(
     return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds)
 
 
+def planned_cost(model: nn.Module, config: AletheiaConfig) -> CostModel:
+    """The step-cost model at the ranks and targets ``config`` will train."""
+    return cost_model(
+        model,
+        r=config.r,
+        attention_r=config.attention_r,
+        mlp_r=config.mlp_r,
+        target_modules=config.target_modules,
+        layers_path=config.layers_path,
+    )
+
+
 def probe_and_select(
     model: nn.Module, dataset: Any, config: AletheiaConfig, *, tokenizer: Any = None, progress: bool = False
 ) -> tuple[LayerScores, list[int], float]:
@@ -263,16 +275,7 @@ def probe_and_select(
         progress=progress,
     )
     probe_seconds = time.perf_counter() - start
-    cost = None
-    if config.strategy == "depth-aware":  # costed with the ranks and targets that will be trained
-        cost = cost_model(
-            model,
-            r=config.r,
-            attention_r=config.attention_r,
-            mlp_r=config.mlp_r,
-            target_modules=config.target_modules,
-            layers_path=config.layers_path,
-        )
+    cost = planned_cost(model, config) if config.strategy == "depth-aware" else None
     selected = select_layers(
         scores,
         config.top_pct,
@@ -318,14 +321,7 @@ def wrap_with_plan(
         probe_seconds=probe_seconds,
         trainable_params=lora_param_count(model, lora_config, arch),
         all_layer_trainable_params=lora_param_count(model, everything, arch),
-        predicted_speedup=cost_model(
-            model,
-            r=config.r,
-            attention_r=config.attention_r,
-            mlp_r=config.mlp_r,
-            target_modules=config.target_modules,
-            layers_path=config.layers_path,
-        ).speedup(selected),
+        predicted_speedup=planned_cost(model, config).speedup(selected),
     )
     with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: make them a function of the seed
         torch.manual_seed(config.seed)
