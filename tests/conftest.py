@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 
 import pytest
 import torch
@@ -73,6 +75,25 @@ def token_rows(n: int = 8, seed: int = 0, lengths=(10, 17, 5, 23, 9, 12)) -> lis
         {"input_ids": torch.randint(3, VOCAB, (lengths[i % len(lengths)],), generator=g).tolist()}
         for i in range(n)
     ]
+
+
+WORDS = "the a cat dog sat on mat and ran to is was big small red blue one two".split()
+
+
+def qa_rows(n: int, seed: int, words: int = 5) -> list[dict]:
+    """Question/answer rows in GSM8K's shape: a few words and two digits; the answer ends in ``#### sum``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        question = " ".join(rng.choice(WORDS) for _ in range(words)) + f" {a} and {b}"
+        rows.append({"question": question, "answer": f"the {a + b}\n#### {a + b}"})
+    return rows
+
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def word_tokenizer():

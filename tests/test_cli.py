@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, word_tokenizer
+from conftest import qa_rows, tiny_model, word_tokenizer, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -26,27 +25,11 @@ from aletheia_lora.pipeline import load_plan
 from aletheia_lora.scores import LayerScores
 from aletheia_lora.selection import select_layers
 
-WORDS = "the a cat dog sat on mat and ran to is was big small red blue one two".split()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 # Small settings that keep every tiny-model run to a few seconds.
 FAST = ["--per_device_train_batch_size", "2", "--max_length", "32", "--eval_generate", "2",
         "--max_eval_samples", "4", "--probe_batches", "2", "--disable_tqdm", "true"]  # fmt: skip
-
-
-def _qa_rows(n: int, seed: int, words: int = 5) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        question = " ".join(rng.choice(WORDS) for _ in range(words)) + f" {a} and {b}"
-        rows.append({"question": question, "answer": f"the {a + b}\n#### {a + b}"})
-    return rows
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +40,7 @@ def workspace(tmp_path_factory) -> Path:
     tokenizer = word_tokenizer()
     assert not tokenizer.chat_template  # so data.format_prompt uses "Question: ...\nAnswer: "
     tokenizer.save_pretrained(root / "model")
-    _write_jsonl(root / "data.jsonl", _qa_rows(40, seed=0))
+    write_jsonl(root / "data.jsonl", qa_rows(40, seed=0))
     return root
 
 
@@ -204,7 +187,7 @@ def resumed(workspace, tmp_path_factory) -> dict:
     checkpoint_2 = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
 
     # Different data now: a re-probe would measure new scores (and a new probe time).
-    other = _write_jsonl(root / "other.jsonl", _qa_rows(40, seed=7, words=9))
+    other = write_jsonl(root / "other.jsonl", qa_rows(40, seed=7, words=9))
     rc = main(
         ["train", *_base(workspace, other), *common, "--max_steps", "4", "--resume_from_checkpoint", "true"]
     )
@@ -314,7 +297,7 @@ def test_missing_data_file_names_it(workspace, tmp_path, capsys):
 
 def test_malformed_jsonl_names_file_and_line(workspace, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    good = [json.dumps(r) for r in _qa_rows(4, seed=1)]
+    good = [json.dumps(r) for r in qa_rows(4, seed=1)]
     bad.write_text("\n".join([good[0], good[1], '{"question": "the cat", "answer": ', good[2]]) + "\n")
     rc = main(["probe", *_base(workspace, bad), "--output_dir", str(tmp_path / "o"), "--quiet", "true"])
     assert rc == 1
@@ -407,7 +390,7 @@ def test_missing_config_file(tmp_path):
 def test_unknown_or_missing_subcommand_exits_2_with_usage(argv, capsys):
     assert main(argv) == 2
     captured = capsys.readouterr()
-    assert "usage: aletheia-lora {probe,train,demo,bench,eval}" in captured.err
+    assert "usage: aletheia-lora {probe,train,demo,bench,eval,study}" in captured.err
     assert captured.out == ""
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from conftest import tiny_model
+from conftest import WORDS, qa_rows, tiny_model, write_jsonl
 
 from aletheia_lora import forgetting as F
 from aletheia_lora.cli import main
 
-WORDS = "the a cat dog sat on mat and ran to is was big small red blue one two".split()
 EXTRA = (
     "A B C D Answer Question : . , ? #### The following are multiple choice questions ( with answers ) about"
 )
@@ -42,21 +41,6 @@ def _tokenizer():
     )
 
 
-def _qa_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        question = " ".join(rng.choice(WORDS) for _ in range(5)) + f" {a} and {b}"
-        rows.append({"question": question, "answer": f"the {a + b}\n#### {a + b}"})
-    return rows
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 MMLU_ROWS = [
     "the cat sat on what ?,mat,dog,red,one,A",
     "a dog ran to the ?,cat,big,mat,two,C",
@@ -70,8 +54,8 @@ def ws(tmp_path_factory) -> Path:
     model = tiny_model("llama", num_layers=2)
     model.save_pretrained(root / "model")
     _tokenizer().save_pretrained(root / "model")
-    _write_jsonl(root / "data.jsonl", _qa_rows(12, seed=0))
-    _write_jsonl(root / "gsm8k.jsonl", _qa_rows(6, seed=1))
+    write_jsonl(root / "data.jsonl", qa_rows(12, seed=0))
+    write_jsonl(root / "gsm8k.jsonl", qa_rows(6, seed=1))
     (root / "text.txt").write_text(" ".join(random.Random(2).choice(WORDS) for _ in range(90)))
     (root / "mmlu" / "dev").mkdir(parents=True)
     (root / "mmlu" / "tiny_test.csv").write_text("\n".join(MMLU_ROWS) + "\n")

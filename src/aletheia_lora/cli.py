@@ -5,6 +5,7 @@
     aletheia-lora demo  [--output_dir O] [--max_steps N]
     aletheia-lora bench [--random_init PRESET | --model M] [--gradient_checkpointing both] ...
     aletheia-lora eval  [--model M] [--adapter DIR] --output_dir O [--suites task,general_text,...]
+    aletheia-lora study --gsm8k_dir D --output_dir O [--mmlu_dir M] [--arms ...] [--steps 48]
 
 Every field of AletheiaConfig and transformers.TrainingArguments is a flag; ``--config FILE``
 (YAML or JSON) supplies defaults that explicit flags override.
@@ -21,13 +22,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval} [--help] [options]
+USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study} [--help] [options]
 
   probe   score every layer on your data; write layer_scores.json/.png
   train   probe, select, fine-tune with LoRA on the selected layers; write the adapter and a report
   demo    train on the embedded default model and task, and show the before/after metric
   bench   time all-layer LoRA against the layer selections side by side; write bench.json/.md/.png
   eval    score a model (+ adapter) on the task and on forgetting suites; write eval.json/.md
+  study   fine-tune once per layer selection (all, top, random, last, ...) and compare quality,
+          forgetting and speed; write study.json/.md/.png
 """
 
 
@@ -202,19 +205,24 @@ def _print_summary(result: dict) -> None:
     print(f"\nwrote {', '.join(result['files'])} to {result['output_dir']}")
 
 
-def bench(argv: list[str]) -> int:
-    from .bench import BenchArguments, run_bench
-
-    (args,) = _parse((BenchArguments,), argv, "aletheia-lora bench")
-    result = run_bench(
+def _report_command(name: str, types, runner, argv: list[str]) -> int:
+    """Parse ``types``, run ``runner`` with progress on stderr, print its table and where files went."""
+    (args,) = _parse((types,), argv, f"aletheia-lora {name}")
+    result = runner(
         args,
         log=lambda line: print(line, file=sys.stderr, flush=True),
-        command=["aletheia-lora", "bench", *argv],
+        command=["aletheia-lora", name, *argv],
     )
     print(result["table"])
     if not args.quiet:
         print(f"\nwrote {', '.join(result['files'])} to {result['output_dir']}")
     return 0
+
+
+def bench(argv: list[str]) -> int:
+    from .bench import BenchArguments, run_bench
+
+    return _report_command("bench", BenchArguments, run_bench, argv)
 
 
 @dataclass
@@ -279,7 +287,13 @@ def evaluate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"probe": probe, "train": train, "demo": demo, "bench": bench, "eval": evaluate}
+def study(argv: list[str]) -> int:
+    from .study import StudyArguments, run_study
+
+    return _report_command("study", StudyArguments, run_study, argv)
+
+
+COMMANDS = {"probe": probe, "train": train, "demo": demo, "bench": bench, "eval": evaluate, "study": study}
 
 
 def main(argv: list[str] | None = None) -> int:

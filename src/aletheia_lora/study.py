@@ -1,0 +1,659 @@
+"""Which layer selection actually works? Fine-tune one model several ways and compare, side by side.
+
+``aletheia-lora study`` fine-tunes a model on GSM8K-style data once per *arm* with the same data
+order, seed, steps and hyperparameters; the arms differ only in which layers get LoRA (and, for
+one arm, the ranks). Every arm is then scored on the task's test split (answer NLL, optional
+greedy exact match) and on forgetting suites (general-text NLL, HumanEval-solution NLL, MMLU),
+as deltas against the base model. Writes ``study.json`` (after every arm, so a killed run keeps
+what it finished and ``--resume`` picks up), ``study.md`` and ``study.png``.
+
+=======================  ==================================================================
+arm                      layers
+=======================  ==================================================================
+``lora-all``             every layer (the baseline)
+``top``                  the package default: ``top`` on ``probe_params="lora-targets"``
+``top-all-params``       ``top`` on ``probe_params="all"`` (the paper's scoring)
+``random-1/2/3``         ``random`` with selection seeds 1, 2, 3 (same budget)
+``last``                 the last layers (same budget)
+``depth-aware``          ``depth-aware`` (most score per predicted step cost)
+``top-asym``             ``top`` with attention r=16, MLP r=64
+``lora-all-equal-time``  every layer, for as many steps as fit in ``top``'s wall-clock
+                         (probe included) at ``lora-all``'s measured step time
+=======================  ==================================================================
+
+Nothing here looks at the test split before the evaluation: the hyperparameters are fixed in
+``StudyArguments`` and the probe reads training rows only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architecture import find_blocks
+from .data import collate, load_data, tokenize_dataset
+from .forgetting import (
+    general_text_suite,
+    gsm8k_suite,
+    humaneval_problems,
+    humaneval_suite,
+    load_mmlu,
+    mmlu_suite,
+    sample,
+)
+from .selection import budget, select_layers
+from .training import AletheiaConfig, planned_cost, probe_and_select, wrap_with_plan
+
+FILES = ("study.json", "study.md", "study.png")
+DEFAULT_ARM = "top"
+BASELINE = "lora-all"
+EQUAL_TIME = "lora-all-equal-time"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to choose layers; ``strategy=None`` adapts every layer."""
+
+    name: str
+    strategy: str | None
+    probe_params: str = "lora-targets"
+    seed: int = 0
+    attention_r: int | None = None
+    mlp_r: int | None = None
+
+
+ARMS = {
+    a.name: a
+    for a in (
+        Arm(BASELINE, None),
+        Arm(DEFAULT_ARM, "top"),
+        Arm("top-all-params", "top", probe_params="all"),
+        Arm("random-1", "random", seed=1),
+        Arm("random-2", "random", seed=2),
+        Arm("random-3", "random", seed=3),
+        Arm("last", "last"),
+        Arm("depth-aware", "depth-aware"),
+        Arm("top-asym", "top", attention_r=16, mlp_r=64),
+        Arm(EQUAL_TIME, None),
+    )
+}
+
+
+@dataclass
+class StudyArguments:
+    """Settings of ``aletheia-lora study``. Every field is a flag of the same name."""
+
+    gsm8k_dir: str = field(
+        metadata={"help": "Folder with train.jsonl and test.jsonl of {question, answer} rows (GSM8K)."}
+    )
+    output_dir: str = field(metadata={"help": "Where study.json, study.md and study.png go."})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local folder, or empty for the embedded SmolLM2-135M-Instruct."},
+    )
+    mmlu_dir: str | None = field(
+        default=None, metadata={"help": "Folder of MMLU CSVs for the forgetting suite (optional)."}
+    )
+    text: str | None = field(
+        default=None,
+        metadata={"help": "English text file for general-text NLL (default: pydoc_data.topics)."},
+    )
+    arms: list[str] = field(
+        default_factory=lambda: list(ARMS),
+        metadata={"help": "Arms to run (lora-all always runs).", "choices": list(ARMS)},
+    )
+    steps: int = field(default=48, metadata={"help": "Optimizer steps per arm."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per step."})
+    max_length: int = field(default=256, metadata={"help": "Truncate training examples to this many tokens."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (linear decay)."})
+    warmup_steps: int = field(default=4, metadata={"help": "Linear warm-up steps."})
+    top_pct: float = field(default=50, metadata={"help": "Layer budget of the selection arms, in percent."})
+    r: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2 r) of the uniform-rank arms."})
+    probe_batches: int = field(default=5, metadata={"help": "Gradient-probe batches."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, LoRA init and the probe."})
+    test_limit: int = field(default=100, metadata={"help": "GSM8K test questions for the answer NLL."})
+    exact_match: int = field(
+        default=0, metadata={"help": "GSM8K test questions to answer by greedy decoding (0: none)."}
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget for exact match."})
+    text_windows: int = field(default=8, metadata={"help": "General-text windows of eval_max_length tokens."})
+    humaneval_limit: int = field(default=40, metadata={"help": "HumanEval problems (0: skip the suite)."})
+    mmlu_limit: int = field(default=100, metadata={"help": "MMLU questions (with --mmlu_dir)."})
+    eval_max_length: int = field(default=512, metadata={"help": "Tokens per evaluation example / window."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Examples per evaluation forward pass."})
+    resume: bool = field(
+        default=False, metadata={"help": "Keep the arms an earlier run with the same settings finished."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow a non-empty output directory."}
+    )
+    quiet: bool = field(default=False, metadata={"help": "No progress lines (the table is still printed)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.arms, str):
+            self.arms = [self.arms]
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}.")
+        wanted = {BASELINE, *self.arms} | ({DEFAULT_ARM} if EQUAL_TIME in self.arms else set())
+        self.arms = [a for a in ARMS if a in wanted]  # fixed order: the baseline and default come first
+        for name in ("steps", "batch_size", "max_length", "probe_batches", "r", "eval_max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
+        for name in ("test_limit", "exact_match", "text_windows", "humaneval_limit", "mmlu_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}; it must be >= 0 (0 skips it).")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate}; it must be > 0.")
+        folder = Path(self.gsm8k_dir)
+        missing = [f for f in ("train.jsonl", "test.jsonl") if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"gsm8k_dir={self.gsm8k_dir!r} lacks {', '.join(missing)}; point it at a folder with "
+                f"train.jsonl and test.jsonl of {{question, answer}} rows."
+            )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change results (what ``--resume`` must match)."""
+        skip = {"arms", "output_dir", "resume", "overwrite_output_dir", "quiet"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices of every step: a seeded permutation, cycled when steps x batch exceeds the rows."""
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    flat = [perm[i % n_rows] for i in range(steps * batch_size)]
+    return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+
+
+def train_arm(model: nn.Module, rows: list[dict], order: list[list[int]], args: StudyArguments, pad: int):
+    """AdamW with linear warm-up and decay, gradient clipping at 1.0; returns (losses, step seconds)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, len(order))
+    device = next(model.parameters()).device
+    losses, seconds = [], []
+    model.train()
+    for step, indices in enumerate(order):
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], pad).items()}
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --learning_rate.")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return losses, seconds
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def load_eval_inputs(args: StudyArguments) -> dict[str, Any]:
+    """Each suite's items, drawn once (seeded) so every arm and the base see the same ones."""
+    test = load_data(str(Path(args.gsm8k_dir) / "test.jsonl"))
+    inputs: dict[str, Any] = {"gsm8k": sample(test, args.test_limit, args.seed) if args.test_limit else []}
+    inputs["gsm8k_generate"] = sample(test, args.exact_match, args.seed) if args.exact_match else []
+    inputs["text"] = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    inputs["humaneval"] = (
+        sample(humaneval_problems(), args.humaneval_limit, args.seed) if args.humaneval_limit else []
+    )
+    inputs["mmlu"] = (
+        sample(load_mmlu(args.mmlu_dir), args.mmlu_limit, args.seed)
+        if args.mmlu_dir and args.mmlu_limit
+        else []
+    )
+    return inputs
+
+
+def evaluate(model: nn.Module, tokenizer, inputs: dict[str, Any], args: StudyArguments) -> dict[str, float]:
+    """Flat metrics: gsm8k_nll, gsm8k_exact_match, text_nll, humaneval_nll, mmlu_accuracy, mmlu_loglik."""
+    common = {"max_length": args.eval_max_length, "batch_size": args.eval_batch_size}
+    out: dict[str, float] = {}
+    if inputs["gsm8k"]:
+        out["gsm8k_nll"] = gsm8k_suite(model, tokenizer, inputs["gsm8k"], **common)["nll"]
+    if inputs["gsm8k_generate"]:
+        em = gsm8k_suite(model, tokenizer, inputs["gsm8k_generate"], generate=True,
+                         max_new_tokens=args.max_new_tokens, **common)  # fmt: skip
+        out["gsm8k_exact_match"] = em["exact_match"]
+    if args.text_windows:
+        text = general_text_suite(
+            model, tokenizer, inputs["text"], limit=args.text_windows, seed=args.seed, **common
+        )
+        out["text_nll"] = text["nll"]
+    if inputs["humaneval"]:
+        out["humaneval_nll"] = humaneval_suite(model, tokenizer, problems=inputs["humaneval"], **common)[
+            "nll"
+        ]
+    if inputs["mmlu"]:
+        mmlu = mmlu_suite(model, tokenizer, inputs["mmlu"], max_length=args.eval_max_length)
+        out["mmlu_accuracy"], out["mmlu_loglik"] = mmlu["accuracy"], mmlu["loglik"]
+    return out
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _config(arm: Arm, args: StudyArguments) -> AletheiaConfig:
+    return AletheiaConfig(
+        top_pct=args.top_pct,
+        strategy=arm.strategy or "top",
+        probe_params=arm.probe_params,
+        probe_batches=args.probe_batches,
+        r=args.r,
+        lora_alpha=2 * args.r,
+        attention_r=arm.attention_r,
+        mlp_r=arm.mlp_r,
+        seed=args.seed,  # probe order and LoRA init: the same for every arm
+    )
+
+
+def run_arm(
+    base, tokenizer, arm: Arm, rows, order, inputs, args: StudyArguments, probes: dict
+) -> dict[str, Any]:
+    """Select (one probe per scoring, shared by the arms that use it), wrap, train, evaluate."""
+    model = copy.deepcopy(base)
+    config = _config(arm, args)
+    if arm.probe_params not in probes:
+        scores, _, seconds = probe_and_select(model, rows, config, tokenizer=tokenizer)
+        probes[arm.probe_params] = (scores, seconds)
+    scores, probe_seconds = probes[arm.probe_params]
+    if arm.strategy is None:
+        selected = list(range(find_blocks(model).num_layers))
+    else:
+        cost = planned_cost(model, config) if arm.strategy == "depth-aware" else None
+        selected = select_layers(scores, config.top_pct, strategy=arm.strategy, seed=arm.seed, cost=cost)
+    probed = arm.strategy in ("top", "depth-aware")  # the arms that pay for the probe
+    peft_model, plan = wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses, seconds = train_arm(peft_model, rows, order, args, pad)
+    peft_model.eval()
+    metrics = evaluate(peft_model, tokenizer, inputs, args)
+    steady = seconds[1:] or seconds  # the first step pays for warm-up
+    probe_seconds = probe_seconds if probed else 0.0
+    return {
+        "arm": arm.name,
+        "strategy": arm.strategy or "all",
+        "probe_params": arm.probe_params if probed else None,
+        "selection_seed": arm.seed if arm.strategy == "random" else None,
+        "attention_r": arm.attention_r,
+        "mlp_r": arm.mlp_r,
+        "selected_layers": selected,
+        "trainable_params": plan.trainable_params,
+        "predicted_speedup": plan.predicted_speedup,
+        "steps": len(order),
+        "step_seconds": statistics.median(steady),
+        "train_seconds": sum(seconds),
+        "probe_seconds": probe_seconds,
+        "wall_seconds": sum(seconds) + probe_seconds,
+        "first_loss": losses[0],
+        "final_loss": statistics.fmean(losses[-max(1, len(losses) // 8) :]),
+        "losses": losses,
+        "metrics": metrics,
+    }
+
+
+def _deltas(arm: dict, base: dict) -> dict[str, float]:
+    return {k: v - base[k] for k, v in arm["metrics"].items() if k in base}
+
+
+def summarize(record: dict[str, Any]) -> dict[str, Any]:
+    """Derived comparisons: speedups against lora-all, deltas against the base, and the answers."""
+    arms = {a["arm"]: a for a in record["arms"]}
+    base = record["base"]
+    ref = arms.get(BASELINE)
+    for a in arms.values():
+        a["delta"] = _deltas(a, base)
+        if ref:
+            a["measured_speedup"] = ref["step_seconds"] / a["step_seconds"]
+            if "gsm8k_nll" in a["metrics"]:
+                a["gsm8k_nll_vs_all"] = a["metrics"]["gsm8k_nll"] / ref["metrics"]["gsm8k_nll"] - 1
+    return answers(arms)
+
+
+def _nll(arm: dict | None) -> float | None:
+    return arm["metrics"].get("gsm8k_nll") if arm else None
+
+
+def answers(arms: dict[str, dict]) -> dict[str, Any]:
+    """The study's questions, answered from the numbers (None where an arm needed was not run)."""
+    out: dict[str, Any] = {}
+    top, ref, equal = arms.get(DEFAULT_ARM), arms.get(BASELINE), arms.get(EQUAL_TIME)
+    randoms = [a for name, a in arms.items() if name.startswith("random-")]
+    if top and randoms and _nll(top) is not None:
+        values = [_nll(a) for a in randoms]
+        out["top_vs_random"] = {
+            "top_nll": _nll(top),
+            "random_mean": statistics.fmean(values),
+            "random_min": min(values),
+            "random_max": max(values),
+            "random_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "beats_every_seed": _nll(top) < min(values),
+            "beats_mean": _nll(top) <= statistics.fmean(values),
+        }
+        for metric in ("text_nll", "humaneval_nll"):
+            if metric in top["delta"] and all(metric in a["delta"] for a in randoms):
+                out["top_vs_random"][f"{metric}_delta_top"] = top["delta"][metric]
+                out["top_vs_random"][f"{metric}_delta_random_mean"] = statistics.fmean(
+                    a["delta"][metric] for a in randoms
+                )
+    if top and ref and _nll(top) is not None:
+        out["top_vs_all_equal_steps"] = _nll(top) / _nll(ref) - 1
+        if equal:
+            out["top_vs_all_equal_time"] = _nll(top) / _nll(equal) - 1
+            out["equal_time_steps"] = equal["steps"]
+    if top and "top-all-params" in arms:
+        out["lora_targets_vs_all_params"] = {
+            "lora-targets": _nll(top),
+            "all": _nll(arms["top-all-params"]),
+            "same_layers": top["selected_layers"] == arms["top-all-params"]["selected_layers"],
+        }
+    if top and "depth-aware" in arms:
+        da = arms["depth-aware"]
+        out["depth_aware"] = {
+            "nll_vs_top": _nll(da) / _nll(top) - 1,
+            "speedup": da.get("measured_speedup"),
+            "top_speedup": top.get("measured_speedup"),
+            "layers": da["selected_layers"],
+        }
+    if top and ref:
+        forgets = [
+            k
+            for k in ("text_nll", "humaneval_nll")
+            if k in top["delta"] and top["delta"][k] > ref["delta"][k]
+        ]
+        if "mmlu_accuracy" in top["delta"] and top["delta"]["mmlu_accuracy"] < ref["delta"]["mmlu_accuracy"]:
+            forgets.append("mmlu_accuracy")
+        out["targets"] = {
+            "within_3pct_of_all": out.get("top_vs_all_equal_steps", math.inf) <= 0.03,
+            "no_worse_than_random_mean": out.get("top_vs_random", {}).get("beats_mean"),
+            "forgets_more_than_all_on": forgets,
+        }
+    return out
+
+
+def run_study(args: StudyArguments, *, log=print, command: list[str] | None = None) -> dict[str, Any]:
+    """Run every arm of ``args`` and write study.json / study.md / study.png to ``args.output_dir``."""
+    from .bench import hardware
+    from .io import atomic_write_text
+    from .models import load_model
+    from .pipeline import check_output_dir, versions
+
+    out = Path(args.output_dir)
+    previous = _previous(out / "study.json", args) if args.resume else None
+    if previous is None:
+        out = check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, create=False)
+    say = (lambda *a: None) if args.quiet else log
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, tokenizer = load_model(args.model, device=str(device) if device.type == "cuda" else None)
+    base.eval()
+    train = load_data(str(Path(args.gsm8k_dir) / "train.jsonl"))
+    # Rows whose prompt fills max_length have nothing to learn and are dropped (tokenize_dataset
+    # warns with the count); longer answers are cut at max_length.
+    rows = tokenize_dataset(train, tokenizer, format="question_answer", max_length=args.max_length)
+    data = {
+        "train_rows": len(train),
+        "dropped_rows": len(train) - len(rows),
+        "truncated_rows": sum(len(r["input_ids"]) >= args.max_length for r in rows),
+    }
+    # twice the steps: the equal-time arm may run longer than the others (the order is prefix-stable)
+    order = batch_order(len(rows), 2 * args.steps, args.batch_size, args.seed)
+    inputs = load_eval_inputs(args)
+    record: dict[str, Any] = previous or {
+        "settings": args.fingerprint(),
+        "model": args.model or "embedded SmolLM2-135M-Instruct",
+        "num_layers": None,
+        "data": data,
+        "budget_layers": None,
+        "hardware": hardware(device),
+        "versions": versions(),
+        "command": command,
+        "base": None,
+        "arms": [],
+    }
+
+    def write() -> None:
+        _write(out, record, atomic_write_text)
+
+    if record["base"] is None:
+        say("evaluating the base model ...")
+        start = time.perf_counter()
+        record["base"] = evaluate(base, tokenizer, inputs, args)
+        record["base_eval_seconds"] = time.perf_counter() - start
+        write()
+    probes: dict = {}
+    for name in args.arms:
+        if any(a["arm"] == name for a in record["arms"]):
+            say(f"{name}: kept from the earlier run")
+            continue
+        arm_order = order[: args.steps]
+        if name == EQUAL_TIME:  # as many all-layer steps as fit in the default arm's wall-clock
+            arms = {a["arm"]: a for a in record["arms"]}
+            steps = math.floor(arms[DEFAULT_ARM]["wall_seconds"] / arms[BASELINE]["step_seconds"])
+            arm_order = order[: max(1, min(steps, len(order)))]
+        say(f"{name}: training {len(arm_order)} steps ...")
+        start = time.perf_counter()
+        result = run_arm(base, tokenizer, ARMS[name], rows, arm_order, inputs, args, probes)
+        result["seconds"] = time.perf_counter() - start
+        record["arms"].append(result)
+        record["num_layers"] = len(result["selected_layers"]) if name == BASELINE else record["num_layers"]
+        say(f"{name}: layers {result['selected_layers']}, step {result['step_seconds']:.2f} s, "
+            f"GSM8K NLL {result['metrics'].get('gsm8k_nll', float('nan')):.4f}")  # fmt: skip
+        write()
+    record["budget_layers"] = budget(record["num_layers"], args.top_pct)
+    for params, (scores, seconds) in probes.items():  # the probe(s) this run made
+        record.setdefault("scores", {})[params] = {"scores": dict(scores), "probe_seconds": seconds}
+    record["answers"] = summarize(record)
+    write()
+    plot_study(record, out / "study.png")
+    return record | {"table": markdown_table(record), "files": list(FILES), "output_dir": str(out)}
+
+
+def _previous(path: Path, args: StudyArguments) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != args.fingerprint():
+        changed = sorted(k for k, v in args.fingerprint().items() if record.get("settings", {}).get(k) != v)
+        raise ValueError(
+            f"--resume: {path} was written with other settings ({', '.join(changed)}); use the same "
+            f"flags, or a new --output_dir."
+        )
+    return record
+
+
+def _write(out: Path, record: dict[str, Any], atomic_write_text) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.json", json.dumps(record, indent=1, default=str) + "\n")
+    atomic_write_text(out / "study.md", markdown_report(record))
+
+
+# --------------------------------------------------------------------------- report
+
+_COLUMNS = (
+    ("gsm8k_nll", "GSM8K test NLL", "{:.4f}"),
+    ("gsm8k_exact_match", "GSM8K EM", "{:.3f}"),
+)
+_FORGET = (
+    ("text_nll", "text NLL Δ", "{:+.4f}"),
+    ("humaneval_nll", "HumanEval NLL Δ", "{:+.4f}"),
+    ("mmlu_accuracy", "MMLU acc Δ", "{:+.3f}"),
+    ("mmlu_loglik", "MMLU loglik Δ", "{:+.4f}"),
+)
+
+
+def _layers(layers: list[int]) -> str:
+    spans, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            spans.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(spans)
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    base = record.get("base") or {}
+    metric_cols = [c for c in _COLUMNS if c[0] in base]
+    forget_cols = [c for c in _FORGET if c[0] in base]
+    head = ["arm", "layers", "trainable", *[c[1] for c in metric_cols], "vs all",
+            *[c[1] for c in forget_cols], "speedup", "predicted", "steps", "probe s", "wall s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_cells = ["base model", "-", "0", *[c[2].format(base[c[0]]) for c in metric_cols], "",
+                  *["" for _ in forget_cols], "", "", "0", "", ""]  # fmt: skip
+    lines.append("| " + " | ".join(base_cells) + " |")
+    for a in record.get("arms", []):
+        m, d = a["metrics"], a.get("delta") or _deltas(a, base)
+        vs = a.get("gsm8k_nll_vs_all")
+        cells = [
+            f"**{a['arm']}**" if a["arm"] == DEFAULT_ARM else a["arm"],
+            _layers(a["selected_layers"]),
+            f"{a['trainable_params'] / 1e6:.2f}M",
+            *[c[2].format(m[c[0]]) if c[0] in m else "" for c in metric_cols],
+            f"{vs:+.1%}" if vs is not None else "",
+            *[c[2].format(d[c[0]]) if c[0] in d else "" for c in forget_cols],
+            f"{a['measured_speedup']:.2f}x" if "measured_speedup" in a else "",
+            f"{a['predicted_speedup']:.2f}x" if a.get("predicted_speedup") else "",
+            str(a["steps"]),
+            f"{a['probe_seconds']:.1f}",
+            f"{a['wall_seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _answer_lines(ans: dict[str, Any]) -> list[str]:
+    lines = []
+    r = ans.get("top_vs_random")
+    if r:
+        verdict = (
+            "beats every random seed"
+            if r["beats_every_seed"]
+            else (
+                "beats the random mean but not every seed"
+                if r["beats_mean"]
+                else "does not beat the random mean"
+            )
+        )
+        lines.append(
+            f"- **Gradient-guided vs random (same budget):** `top` test NLL {r['top_nll']:.4f}; random "
+            f"mean {r['random_mean']:.4f} (seeds {r['random_min']:.4f}-{r['random_max']:.4f}, sd "
+            f"{r['random_sd']:.4f}): `top` {verdict}."
+        )
+        if "text_nll_delta_top" in r:
+            lines.append(
+                f"  Forgetting, text NLL Δ: top {r['text_nll_delta_top']:+.4f} vs random mean "
+                f"{r['text_nll_delta_random_mean']:+.4f}."
+            )
+    if "top_vs_all_equal_steps" in ans:
+        line = f"- **vs all-layer LoRA:** at equal steps `top` is {ans['top_vs_all_equal_steps']:+.1%} in test NLL"
+        if "top_vs_all_equal_time" in ans:
+            line += (
+                f"; at equal wall-clock (all-layer gets {ans['equal_time_steps']} steps in the time `top` "
+                f"takes, probe included) {ans['top_vs_all_equal_time']:+.1%}"
+            )
+        lines.append(line + ".")
+    p = ans.get("lora_targets_vs_all_params")
+    if p:
+        lines.append(
+            f"- **Probe scoring:** `lora-targets` {p['lora-targets']:.4f} vs `all` {p['all']:.4f}"
+            + (" (the same layers were selected)" if p["same_layers"] else "")
+            + "."
+        )
+    da = ans.get("depth_aware")
+    if da:
+        lines.append(
+            f"- **Depth-aware:** layers {_layers(da['layers'])}, measured speedup "
+            f"{da['speedup']:.2f}x (top: {da['top_speedup']:.2f}x), test NLL {da['nll_vs_top']:+.1%} vs `top`."
+        )
+    t = ans.get("targets")
+    if t:
+        lines.append(
+            f"- **Targets:** within 3% of all-layer: {t['within_3pct_of_all']}; no worse than random mean: "
+            f"{t['no_worse_than_random_mean']}; forgets more than all-layer on: "
+            f"{', '.join(t['forgets_more_than_all_on']) or 'nothing'}."
+        )
+    return lines
+
+
+def markdown_report(record: dict[str, Any]) -> str:
+    s = record["settings"]
+    hw = record.get("hardware", {})
+    lines = [
+        f"# Layer-selection study: {record['model']}",
+        "",
+        f"GSM8K train, {s['steps']} steps x batch {s['batch_size']} (max {s['max_length']} tokens), lr "
+        f"{s['learning_rate']}, r={s['r']}, budget {s['top_pct']}% of layers, seed {s['seed']}; test NLL on "
+        f"{s['test_limit']} GSM8K test questions. Forgetting Δ = arm - base model (NLL: lower is better; "
+        f"MMLU accuracy: higher is better). Speedup = lora-all's median step time / the arm's, measured in "
+        f"this run; predicted = the cost model's. Machine: {hw.get('cpu', '?')}, {hw.get('device', '?')}, "
+        f"{hw.get('torch_threads', '?')} threads.",
+        "",
+        markdown_table(record),
+    ]
+    if record.get("answers"):
+        lines += ["## Answers", "", *_answer_lines(record["answers"]), ""]
+    if record.get("command"):
+        lines += ["Command: `" + " ".join(record["command"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def plot_study(record: dict[str, Any], path: str | Path) -> None:
+    """Left: GSM8K test NLL against measured speedup, one point per arm. Right: forgetting deltas."""
+    from .report import _new_figure, _save_png
+
+    arms = [a for a in record["arms"] if "gsm8k_nll" in a["metrics"]]
+    fig = _new_figure((11, 4.5))
+    left, right = fig.subplots(1, 2)
+    for a in arms:
+        x, y = a.get("measured_speedup", 1.0), a["metrics"]["gsm8k_nll"]
+        color = "C3" if a["arm"] == DEFAULT_ARM else ("C0" if a["arm"].startswith("lora-all") else "C7")
+        left.scatter([x], [y], color=color, zorder=3)
+        left.annotate(a["arm"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if "gsm8k_nll" in (record.get("base") or {}):
+        left.axhline(record["base"]["gsm8k_nll"], color="k", lw=0.8, ls=":", label="base model")
+        left.legend(fontsize=7)
+    left.set_xlabel("measured step-time speedup over lora-all")
+    left.set_ylabel("GSM8K test NLL (lower is better)")
+    left.grid(alpha=0.3)
+    keys = [
+        k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in record["arms"])
+    ]
+    names = [a["arm"] for a in record["arms"]]
+    height = 0.8 / max(1, len(keys))
+    for j, key in enumerate(keys):
+        values = [a["delta"][key] for a in record["arms"]]
+        right.barh([i + j * height for i in range(len(names))], values, height=height, label=key + " Δ")
+    right.set_yticks([i + height * (len(keys) - 1) / 2 for i in range(len(names))], names, fontsize=7)
+    right.invert_yaxis()
+    right.axvline(0, color="k", lw=0.8)
+    right.set_xlabel("forgetting: NLL change against the base model (lower is better)")
+    if keys:
+        right.legend(fontsize=7)
+    fig.suptitle(f"Layer-selection study: {record['model']}", fontsize=10)
+    _save_png(fig, path)
+
+
+__all__ = ["ARMS", "Arm", "StudyArguments", "batch_order", "markdown_table", "run_study", "train_arm"]
