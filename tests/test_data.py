@@ -348,3 +348,82 @@ def test_train_eval_split():
         data.train_eval_split(rows, 1.5)
     with pytest.raises(ValueError, match="at least 2"):
         data.train_eval_split(rows[:1])
+
+
+# --------------------------------------------------------------------------- huge files are read lazily
+
+GOOD = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)]
+BAD_TAIL = b'{"question": oops}\n\xff\xfe not utf-8\n'
+
+
+def _good_then_bad(path, suffix: str) -> None:
+    if suffix == ".jsonl":
+        head = "".join(json.dumps(r) + "\n" for r in GOOD)
+    else:
+        head = "question,answer\n" + "".join(f"{r['question']},{r['answer']}\n" for r in GOOD)
+    path.write_bytes(head.encode() + BAD_TAIL)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_max_rows_never_reads_past_the_rows_it_needs(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    _good_then_bad(path, suffix)
+    assert data.load_data(path, max_rows=20) == GOOD  # the broken tail is never parsed nor decoded
+    assert data.load_data(path, max_rows=3) == GOOD[:3]
+    with pytest.raises(ValueError, match=rf"d\{suffix}, line {21 + (suffix == '.csv')}"):
+        data.load_data(path)
+
+
+def test_reading_a_large_file_holds_one_line_at_a_time(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "x" * 10_000}) + "\n"
+    path.write_text(line * 3_000)  # 30 MB
+    tracemalloc.start()
+    try:
+        rows = data.load_data(path, max_rows=5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(rows) == 5 and peak < 1_000_000, peak  # a whole-file read would peak above 30 MB
+
+
+def test_parquet_and_dataset_folders_honour_max_rows(tmp_path):
+    import datasets
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(100)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert data.load_data(tmp_path / "d.parquet", max_rows=7) == rows[:7]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert data.load_data(tmp_path / "ds", max_rows=4) == rows[:4]
+    assert data.load_data(None, max_rows=2) == data.make_arithmetic_task()["train"][:2]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_rows="):
+            data.load_data(None, max_rows=bad)
+
+
+def test_asking_a_single_file_for_a_test_split_reads_nothing(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(BAD_TAIL)  # malformed: reading it would raise a different error
+    with pytest.raises(data.MissingSplitError, match="no 'test' split"):
+        data.load_data(path, split="test")
+
+
+def test_training_rows_come_from_the_head_of_a_huge_single_file(tmp_path):
+    from aletheia_lora.pipeline import DataArguments, _load_rows
+
+    path = tmp_path / "d.jsonl"
+    _good_then_bad(path, ".jsonl")
+    train, held_out = _load_rows(DataArguments(data=str(path), max_train_samples=10, eval_fraction=0.2), seed=0)
+    assert len(train) == 10 and held_out and all(r in GOOD for r in train + held_out)
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
+
+
+def test_a_broken_test_split_is_reported_not_replaced_by_held_out_rows(tmp_path):
+    from aletheia_lora.pipeline import DataArguments, _load_rows
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    (tmp_path / "test.jsonl").write_bytes(BAD_TAIL)
+    with pytest.raises(ValueError, match=r"test\.jsonl, line 1: invalid JSON"):
+        _load_rows(DataArguments(data=str(tmp_path)), seed=0)

@@ -26,7 +26,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -438,9 +438,37 @@ def _check_objects(rows: list[Any], path: Path, lines: list[int] | None = None) 
     return rows
 
 
-def _read_jsonl(path: Path, text: str) -> list[dict]:
+_BOM = b"\xef\xbb\xbf"
+
+
+def _not_utf8(path: Path, raw: bytes, err: UnicodeDecodeError, line: int, offset: int) -> ValueError:
+    bad = raw[err.start : err.end]
+    return _bad_file(
+        path,
+        f"not UTF-8 text (byte {bad!r} at byte offset {offset + err.start}: {err.reason}); re-save it as UTF-8",
+        line,
+    )
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file, read one line at a time (a byte order mark is dropped).
+    Only ``\\n`` ends a line, so a JSON string holding U+2028 stays whole."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            skip = len(_BOM) if number == 1 and raw.startswith(_BOM) else 0
+            try:
+                yield number, raw[skip:].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, raw[skip:], err, number, offset + skip) from err
+            offset += len(raw)
+
+
+def _read_jsonl(path: Path, max_rows: int | None = None) -> list[dict]:
     rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in _lines(path):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
         if not line.strip():
             continue
         try:
@@ -451,25 +479,34 @@ def _read_jsonl(path: Path, text: str) -> list[dict]:
     return _check_objects(rows, path, lines)
 
 
-def _read_json(path: Path, text: str) -> list[dict]:
+def _read_json(path: Path, max_rows: int | None = None) -> list[dict]:
+    """A JSON document is parsed whole (use JSON Lines for files larger than memory)."""
+    raw = path.read_bytes()
+    skip = len(_BOM) if raw.startswith(_BOM) else 0
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, raw[skip:], err, raw[: skip + err.start].count(b"\n") + 1, skip) from err
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON Lines saved as .json
-            return _read_jsonl(path, text)
+            return _read_jsonl(path, max_rows)
         raise _bad_file(path, f"invalid JSON ({err.msg} at column {err.colno})", err.lineno) from err
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}
     if not isinstance(data, list):
         raise _bad_file(path, f"expected a JSON list of row objects, got {type(data).__name__}")
-    return _check_objects(data, path)
+    return _check_objects(data[:max_rows], path)
 
 
-def _read_csv(path: Path, text: str) -> list[dict]:
-    reader = csv.DictReader(text.splitlines())
+def _read_csv(path: Path, max_rows: int | None = None) -> list[dict]:
+    reader = csv.DictReader(piece for _, line in _lines(path) for piece in line.splitlines())
     rows = []
     try:
         for row in reader:
+            if max_rows is not None and len(rows) >= max_rows:
+                break
             if None in row or None in row.values():
                 raise _bad_file(
                     path,
@@ -482,39 +519,40 @@ def _read_csv(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path, max_rows: int | None = None) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        if max_rows is None:
+            return pq.read_table(path).to_pylist()
+        rows: list[dict] = []
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(max_rows, 65536) or 1):
+            rows += batch.to_pylist()[: max_rows - len(rows)]
+            if len(rows) >= max_rows:
+                break
+        return rows
     except (pa.ArrowException, OSError) as err:
         raise _bad_file(path, f"not a readable Parquet file ({err})") from err
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path, max_rows: int | None = None) -> list[dict]:
+    """Rows of one file. JSON Lines, CSV and Parquet are read lazily: a line (a batch) at a time,
+    stopping after ``max_rows`` rows, so the rest of a huge file is never read."""
     suffix = path.suffix.lower()
     if suffix not in DATA_SUFFIXES:
         raise ValueError(f"data file {path} has suffix {suffix!r}; supported: {', '.join(DATA_SUFFIXES)}")
-    if suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
-        raw = path.read_bytes()
-        raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte order mark
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            bad = raw[err.start : err.end]
-            raise _bad_file(
-                path,
-                f"not UTF-8 text (byte {bad!r} at byte offset {err.start}: {err.reason}); re-save it as UTF-8",
-                raw[: err.start].count(b"\n") + 1,
-            ) from err
-        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
-        rows = reader(path, text)
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[
+        suffix
+    ]
+    rows = reader(path, max_rows)
     if not rows:
         raise _bad_file(path, "the file has no rows")
     return rows
+
+
+class MissingSplitError(ValueError):
+    """The data exists but has no such split (a single file has only "train")."""
 
 
 def _pick_split(splits: Mapping[str, Any], split: str, source: str) -> Any:
@@ -524,36 +562,47 @@ def _pick_split(splits: Mapping[str, Any], split: str, source: str) -> Any:
         for alias in _EVAL_SPLITS:
             if alias in splits:
                 return splits[alias]
-    raise ValueError(f"{source} has no split {split!r}; it has {sorted(splits)}")
+    raise MissingSplitError(f"{source} has no split {split!r}; it has {sorted(splits)}")
 
 
-def _single_split(rows: list[dict], split: str, source: str) -> list[dict]:
+def _single_split(rows: Any, split: str, source: str, max_rows: int | None = None) -> list[dict]:
+    """``rows`` (a list, a ``Dataset``, or a callable reading them) when ``split`` is "train"; any other
+    split is an error raised before anything is read."""
     if split != "train":
-        raise ValueError(
+        raise MissingSplitError(
             f"{source} is a single set of rows with no {split!r} split; load it with split='train' and hold "
             f"rows out with train_eval_split(rows), or pass a separate file for evaluation"
         )
-    return rows
+    if callable(rows):
+        return rows(max_rows)
+    return rows[:max_rows] if isinstance(rows, list) else _head(rows, max_rows)
 
 
-def _load_folder(folder: Path, split: str) -> list[dict]:
+def _head(dataset: Any, max_rows: int | None) -> list[dict]:
+    """The first ``max_rows`` rows of a (memory-mapped) ``datasets.Dataset`` as dicts."""
+    if max_rows is not None and max_rows < len(dataset):
+        dataset = dataset.select(range(max_rows))
+    return dataset.to_list()
+
+
+def _load_folder(folder: Path, split: str, max_rows: int | None) -> list[dict]:
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         import datasets
 
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
-            return _pick_split(loaded, split, f"dataset folder {folder}").to_list()
-        return _single_split(loaded.to_list(), split, f"dataset folder {folder}")
+            return _head(_pick_split(loaded, split, f"dataset folder {folder}"), max_rows)
+        return _single_split(loaded, split, f"dataset folder {folder}", max_rows)
     files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in DATA_SUFFIXES}
     if files:
-        return _read_file(_pick_split(files, split, f"data folder {folder}"))
+        return _read_file(_pick_split(files, split, f"data folder {folder}"), max_rows)
     raise ValueError(
         f"data folder {folder} is neither a datasets.save_to_disk folder nor holds <split>"
         f"{'/'.join(DATA_SUFFIXES)} files (e.g. train.jsonl)"
     )
 
 
-def _load_hub(name: str, split: str) -> list[dict]:
+def _load_hub(name: str, split: str, max_rows: int | None) -> list[dict]:
     import datasets
 
     repo, _, config = name.partition(":")
@@ -577,17 +626,19 @@ def _load_hub(name: str, split: str) -> list[dict]:
         if "split" in str(err).lower() and isinstance(
             err, ValueError
         ):  # the dataset exists, the split does not
-            raise ValueError(f"dataset {name!r} has no split {split!r} ({err})") from err
+            raise MissingSplitError(f"dataset {name!r} has no split {split!r} ({err})") from err
         if switch is not None or datasets.config.HF_HUB_OFFLINE:
             raise OSError(
                 f"dataset {name!r} is not a local file or folder and not in the Hugging Face cache, and it "
                 f"cannot be downloaded: {switch or 'datasets is in offline mode'}. {hint}"
             ) from err
         raise OSError(f"could not load dataset {name!r} from the Hugging Face Hub ({err}). {hint}") from err
-    return loaded.to_list()
+    return _head(loaded, max_rows)
 
 
-def load_data(path: str | os.PathLike | None, *, split: str = "train") -> list[dict]:
+def load_data(
+    path: str | os.PathLike | None, *, split: str = "train", max_rows: int | None = None
+) -> list[dict]:
     """Load rows (a list of dicts, one per example) from wherever the user points.
 
     Args:
@@ -598,6 +649,9 @@ def load_data(path: str | os.PathLike | None, *, split: str = "train") -> list[d
         split: which split (default ``"train"``); ``"test"`` also finds ``eval``/``validation``
             splits and vice versa. A single file or a single saved ``Dataset`` has only ``"train"``;
             hold rows out of it with ``train_eval_split``.
+        max_rows: read at most this many rows (the first ones). JSON Lines, CSV and Parquet files
+            are read lazily, so the rest of a huge file is never read; a ``.json`` document is
+            parsed whole.
 
     Raises:
         FileNotFoundError: ``path`` looks like a path but nothing is there.
@@ -605,20 +659,22 @@ def load_data(path: str | os.PathLike | None, *, split: str = "train") -> list[d
             message names the file and, for JSON Lines, CSV and JSON, the line number).
         OSError: a Hub dataset that cannot be loaded (offline: fails within seconds).
     """
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows={max_rows!r}; it must be a positive integer (or None for every row)")
     if path is None or os.fspath(path) == "embedded":
-        return _pick_split(make_arithmetic_task(), split, "the embedded arithmetic task")
+        return _pick_split(make_arithmetic_task(), split, "the embedded arithmetic task")[:max_rows]
     name = os.fspath(path)
     local = Path(name).expanduser()
     if local.is_file():
-        return _single_split(_read_file(local), split, f"data file {local}")
+        return _single_split(lambda n: _read_file(local, n), split, f"data file {local}", max_rows)
     if local.is_dir():
-        return _load_folder(local, split)
+        return _load_folder(local, split, max_rows)
     if looks_like_path(name) or local.suffix.lower() in DATA_SUFFIXES:
         raise FileNotFoundError(
             f"no such data file or folder: {str(local)!r}. Pass an existing .jsonl/.json/.csv/.parquet file, "
             f"a datasets.save_to_disk folder, a Hub dataset id, or None for the embedded arithmetic task."
         )
-    return _load_hub(name, split)
+    return _load_hub(name, split, max_rows)
 
 
 def train_eval_split(rows: Sequence[Any], eval_fraction: float = 0.05, seed: int = 0) -> tuple[list, list]:

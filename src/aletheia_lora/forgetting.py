@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from .batches import IGNORE_INDEX
-from .data import detect_format, encode_prompt, extract_final_answer, load_data, tokenize_dataset
+from .data import (
+    MissingSplitError,
+    detect_format,
+    encode_prompt,
+    extract_final_answer,
+    load_data,
+    tokenize_dataset,
+)
 from .evaluation import exact_match, mean_loss
 
 SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k")
@@ -91,7 +98,7 @@ def load_task_rows(data: str | None) -> list[dict]:
     taken to be held-out data). ``None``: the embedded arithmetic task's test split."""
     try:
         return load_data(data, split="test")
-    except ValueError:
+    except MissingSplitError:
         return load_data(data, split="train")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,7 +30,14 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from . import __version__
-from .data import DataCollator, detect_format, load_data, tokenize_dataset, train_eval_split
+from .data import (
+    DataCollator,
+    MissingSplitError,
+    detect_format,
+    load_data,
+    tokenize_dataset,
+    train_eval_split,
+)
 from .evaluation import exact_match, mean_loss
 from .io import _umask, atomic_write_text
 from .models import load_model
@@ -167,15 +175,17 @@ def versions() -> dict[str, str]:
 
 
 def _load_rows(data: DataArguments, seed: int) -> tuple[list[dict], list[dict]]:
-    train = load_data(data.data, split="train")
+    """Training and held-out rows, reading no more of the data than the sample limits need."""
     try:
-        held_out = load_data(data.data, split="test")
-    except ValueError:  # no test split: hold some training rows out
+        held_out = load_data(data.data, split="test", max_rows=data.max_eval_samples)
+        train = load_data(data.data, split="train", max_rows=data.max_train_samples)
+    except MissingSplitError:  # a single set of rows: hold some out (from a large enough head of it)
+        cap = None
+        if data.max_train_samples is not None:
+            cap = math.ceil(data.max_train_samples / (1 - data.eval_fraction)) + 2
+        train = load_data(data.data, split="train", max_rows=cap)
         train, held_out = train_eval_split(train, data.eval_fraction, seed=seed)
-    if data.max_train_samples is not None:
-        train = train[: data.max_train_samples]
-    if data.max_eval_samples is not None:
-        held_out = held_out[: data.max_eval_samples]
+        train, held_out = train[: data.max_train_samples], held_out[: data.max_eval_samples]
     return list(train), list(held_out)
 
 
