@@ -431,3 +431,28 @@ def test_train_on_the_embedded_smollm2(tmp_path):
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         layers = {int(_LAYER.search(k).group(1)) for k in f.keys()}
     assert layers == set(record["plan"]["selected_layers"])
+
+
+@pytest.mark.parametrize("key", ["trust_remote_code", "overwrite_output_dir"])
+def test_a_config_file_cannot_grant_permissions(workspace, tmp_path, key):
+    out = tmp_path / "o"
+    config = tmp_path / "shared.yaml"
+    config.write_text(f"model: {workspace / 'model'}\ndata: {workspace / 'data.jsonl'}\n{key}: true\n")
+    with pytest.raises(SystemExit, match=f"cannot grant permissions. Pass --{key} true on the command line"):
+        main(["probe", "--config", str(config), "--output_dir", str(out)])
+    assert not out.exists()
+    config.write_text(f"model: {workspace / 'model'}\ndata: {workspace / 'data.jsonl'}\n{key}: false\n"
+                      "probe_batches: 1\nmax_length: 16\nquiet: true\n")  # fmt: skip
+    assert main(["probe", "--config", str(config), "--output_dir", str(out)]) == 0  # false is fine
+
+
+def test_every_file_train_writes_lies_under_output_dir(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "elsewhere" / ".." / "run"  # a path with "..": still one folder
+    rc = main(["train", *_base(workspace), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1",
+               "--merge", "true", "--quiet", "true", *FAST])  # fmt: skip
+    assert rc == 0
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(p.resolve().is_relative_to((tmp_path / "run").resolve()) for p in new), sorted(new)

@@ -59,6 +59,11 @@ class ProbeOutput:
     quiet: bool = field(default=False, metadata={"help": "No progress bars or charts."})
 
 
+# Flags that grant a permission: a config file (perhaps someone else's) cannot turn them on;
+# they must be typed on the command line.
+PERMISSIONS = ("trust_remote_code", "overwrite_output_dir", "allow_code_execution")
+
+
 def _config_file_args(argv: list[str]) -> list[str]:
     """Expand ``--config FILE`` into flags placed first, so explicit flags win."""
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
@@ -79,6 +84,12 @@ def _config_file_args(argv: list[str]) -> list[str]:
         values = json.loads(text)
     if not isinstance(values, dict):
         raise SystemExit(f"--config {str(path)!r} must hold a mapping of flag names to values.")
+    granted = [k for k in PERMISSIONS if values.get(k) not in (None, False, "false", "False", 0)]
+    if granted:
+        raise SystemExit(
+            f"--config {str(path)!r} sets {', '.join(f'{k}: {values[k]}' for k in granted)}; a config file "
+            f"cannot grant permissions. Pass {' '.join(f'--{k} true' for k in granted)} on the command line."
+        )
     flags: list[str] = []
     for key, value in values.items():
         if isinstance(value, list):
