@@ -311,8 +311,9 @@ def test_first_label_is_never_a_target():
 
 @pytest.mark.parametrize("method", ["onepass", "chunked"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_non_finite_weight_raises_and_restores(method, bad):
-    model = tiny_model("llama", 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_weight_raises_and_restores(method, bad, dtype):
+    model = tiny_model("llama", 2).to(dtype)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = bad
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
@@ -326,6 +327,7 @@ def test_non_finite_weight_raises_and_restores(method, bad):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert {n: m.training for n, m in model.named_modules()} == snap_modes
     assert all(p.grad is None for p in model.parameters())
+    assert all(p.dtype == dtype for p in model.parameters())
 
 
 @pytest.mark.parametrize("method", ["onepass", "chunked"])
