@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,41 @@ def test_torchrun_train_writes_one_adapter(tmp_path):
     losses = [h["loss"] for h in record["log_history"] if "loss" in h]
     assert losses and all(math.isfinite(x) for x in losses)
     assert math.isfinite(record["final_train_loss"])
+
+
+KILLED_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+from conftest import tiny_model, token_rows
+from aletheia_lora.probe import gradient_probe
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+model = tiny_model("llama")
+if dist.get_rank() == 1:  # rank 1 dies without a word in the middle of its share of the probe
+    model.get_submodule("model.layers.2").register_forward_pre_hook(
+        lambda module, args: os.kill(os.getpid(), signal.SIGKILL))
+gradient_probe(model, token_rows(8), probe_batches=4, batch_size=2, max_length=16)
+print("rank", dist.get_rank(), "finished the probe", flush=True)
+"""
+
+
+def test_a_rank_killed_by_a_signal_ends_the_job_instead_of_hanging(tmp_path):
+    # An exception can be shared with the other ranks; SIGKILL cannot. The launcher (torchrun,
+    # as under accelerate launch) sees the dead worker and stops the rank waiting in the all-reduce.
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_SCRIPT.format(tests=str(TESTS)))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script)]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert time.perf_counter() - start < 120
+    assert "finished the probe" not in proc.stdout
+    assert "SIGKILL" in proc.stderr or "Signal 9" in proc.stderr, proc.stderr[-3000:]
 
 
 # A user's own training script: prepare_model + transformers.Trainer, under accelerate launch.
