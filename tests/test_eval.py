@@ -262,3 +262,16 @@ def test_eval_on_the_embedded_smollm2(tmp_path):
     assert all(m["n"] == 2 for m in suites.values())
     assert 0 < suites["general_text"]["nll"] < 6  # a real model knows English
     assert 0 <= suites["task"]["exact_match"] <= 1
+
+
+def test_humaneval_exec_runs_code_only_when_allowed(ws, tmp_path, capsys):
+    argv = ["eval", "--model", str(ws / "model"), "--suites", "humaneval_exec", "--limit", "2",
+            "--max_new_tokens", "3", "--quiet", "true"]  # fmt: skip
+    assert main([*argv, "--output_dir", str(tmp_path / "no")]) == 1
+    assert "pass --allow_code_execution true" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert main([*argv, "--output_dir", str(tmp_path / "yes"), "--allow_code_execution", "true"]) == 0
+    result = json.loads((tmp_path / "yes" / "eval.json").read_text())["suites"]["humaneval_exec"]
+    # a 2-layer random model writes no working code: every program ran, and failed
+    assert result["n"] == 2 and result["pass@1"] == 0.0 and result["samples"] == 1
+    assert result["timeouts"] == 0 and len(result["examples"]) == 2

@@ -247,7 +247,8 @@ class EvalArguments:
     suites: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Suites, comma- or space-separated, from task, general_text, humaneval, mmlu, gsm8k "
+            "help": "Suites, comma- or space-separated, from task, general_text, humaneval, mmlu, gsm8k, "
+            "humaneval_exec "
             "(default: task,general_text,humaneval, plus mmlu/gsm8k when --mmlu_dir/--gsm8k are given)."
         },
     )
@@ -274,6 +275,25 @@ class EvalArguments:
     max_length: int = field(default=512, metadata={"help": "Tokens per example / general_text window."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget for exact match."})
     batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "lm-evaluation-harness tasks to run on the in-memory model (comma- or space-"
+                  "separated; needs the lm-eval extra)."},
+    )  # fmt: skip
+    lm_eval_include: str | None = field(
+        default=None, metadata={"help": "Folder of custom lm-eval task YAMLs (e.g. local datasets)."}
+    )
+    lm_eval_fewshot: int | None = field(
+        default=None, metadata={"help": "Few-shot examples for the lm-eval tasks (default: each task's)."}
+    )
+    allow_code_execution: bool = field(
+        default=False,
+        metadata={"help": "Allow the humaneval_exec suite to run model-written code (separate, resource-"
+                  "limited processes; not a security sandbox)."},
+    )  # fmt: skip
+    humaneval_samples: int = field(
+        default=1, metadata={"help": "humaneval_exec: completions per problem (1: greedy, pass@1)."}
+    )
     compare_base: bool = field(
         default=False, metadata={"help": "Also evaluate the base model (adapter disabled); report deltas."}
     )

