@@ -115,6 +115,28 @@ def test_bench_with_one_arm_keeps_the_baseline(tmp_path):
     assert "| last | on |" in (tmp_path / "o" / "bench.md").read_text()
 
 
+def test_calibrate_fits_the_cost_model_to_other_timed_selections(tmp_path):
+    from aletheia_lora.bench import CALIBRATION
+    from aletheia_lora.costmodel import CostModel
+
+    result = run_bench(**TINY, arms=["last"], gradient_checkpointing="off", calibrate=True,
+                       output_dir=str(tmp_path / "o"), log=None)  # fmt: skip
+    assert [c["selection"] for c in result["calibration"]] == list(CALIBRATION)
+    assert [c["layers"] for c in result["calibration"]] == [[0, 2], [0], [3]]
+    arm_layers = [r["layers"] for r in result["results"]]
+    assert not any(c["layers"] in arm_layers for c in result["calibration"])  # predictions are out of sample
+    cost = CostModel(**result["cost_model"])
+    assert cost.unit == "s"
+    points = cost.meta["calibration"]["points"]
+    assert [p["measured_s"] * 1000 for p in points] == pytest.approx(
+        [c["median_ms"] for c in result["calibration"]]
+    )
+    for row in result["results"]:  # the predictions come from the calibrated model
+        assert row["predicted_speedup"] == pytest.approx(cost.speedup(row["layers"]))
+    assert "calibrated in this run on 3 timed selections" in (tmp_path / "o" / "bench.md").read_text()
+    assert "not calibrated here" not in (tmp_path / "o" / "bench.md").read_text()
+
+
 def test_arm_restores_the_base_model_exactly():
     model = tiny_model("llama", num_layers=4)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -54,6 +54,9 @@ BASELINE = "lora-all"
 # Strategies that never read the probe's scores: in a real run they need no probe.
 SCORE_FREE = frozenset({"random", "last"})
 CHECKPOINTING = {"both": (False, True), "off": (False,), "on": (True,)}
+# Timed for --calibrate: they differ in lowest layer and in count (so forward, backward and LoRA
+# costs separate) and none of them is an arm, so the arms' predictions stay out-of-sample.
+CALIBRATION = ("every_other", "bottom_quarter", "top_quarter")
 DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -114,6 +117,12 @@ class BenchArguments:
     probe_batch_size: int | None = field(
         default=None, metadata={"help": "Sequences per probe batch (default: batch_size)."}
     )
+    calibrate: bool = field(
+        default=False,
+        metadata={"help": "First time three other selections (every_other, bottom_quarter, top_quarter) on "
+                  "this machine and fit the cost model to them (costmodel.calibrate); depth-aware and the "
+                  "predictions then use the calibrated model."},
+    )  # fmt: skip
     e2e_steps: int = field(
         default=200, metadata={"help": "Run length for the end-to-end speedup incl. the probe."}
     )
@@ -366,13 +375,28 @@ def _probe(model, args: BenchArguments, vocab: int, device: torch.device) -> tup
     return scores, time.perf_counter() - start, warm
 
 
-def _rows(model, scores, args: BenchArguments, num_layers: int) -> tuple[list[Row], Any]:
-    """The (arm, checkpointing) rows with their selections and predicted speedups, and the cost model."""
-    from .costmodel import cost_model, predict_speedup
+def _calibrated(model, cost, args: BenchArguments, input_ids: torch.Tensor, log) -> tuple[Any, list[Row]]:
+    """``cost`` fitted to the timed CALIBRATION selections (same warm-up, rounds and steps as the arms)."""
+    from .costmodel import calibrate, named_selection
+
+    num_layers = cost.num_layers
+    rows = [
+        Row(f"calibration:{name}", gc, named_selection(name, num_layers), 0.0)
+        for gc in CHECKPOINTING[args.gradient_checkpointing]
+        for name in CALIBRATION
+    ]
+    _time_rows(model, rows, args, input_ids, log)
+    fitted = calibrate(cost, [(row.layers, row.median_seconds, row.gradient_checkpointing) for row in rows])
+    log(f"cost model calibrated on {len(rows)} timed selections; largest fit error "
+        f"{fitted.meta['calibration']['max_relative_error']:.1%}")  # fmt: skip
+    return fitted, rows
+
+
+def _rows(model, scores, args: BenchArguments, num_layers: int, cost) -> list[Row]:
+    """The (arm, checkpointing) rows with their selections and their speedups predicted by ``cost``."""
+    from .costmodel import predict_speedup
     from .selection import select_layers
 
-    # one cost model at the bench's shape, for depth-aware's choice and for the predictions
-    cost = cost_model(model, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r)
     rows = []
     for gc in CHECKPOINTING[args.gradient_checkpointing]:
         for arm in args.arms:
@@ -399,7 +423,7 @@ def _rows(model, scores, args: BenchArguments, num_layers: int) -> tuple[list[Ro
                     cost=cost,
                 )
             rows.append(Row(arm, gc, [int(i) for i in layers], float(predicted)))
-    return rows, cost
+    return rows
 
 
 def _time_rows(model, rows: list[Row], args: BenchArguments, input_ids: torch.Tensor, log) -> None:
@@ -499,6 +523,7 @@ def run_bench(
     ``output_dir`` and ``files``.
     """
     from .architecture import find_blocks
+    from .costmodel import cost_model
     from .io import atomic_write_text
     from .pipeline import check_output_dir, versions
 
@@ -525,9 +550,14 @@ def run_bench(
     scores, probe_seconds, probe_warmup = _probe(model, args, vocab, device)
     say(f"probe: {probe_seconds:.2f} s for {args.probe_batches} batches of "
         f"{args.probe_batch_size or args.batch_size} x {args.seq_len} tokens")  # fmt: skip
-    rows, cost = _rows(model, scores, args, arch.num_layers)
     g = torch.Generator().manual_seed(args.seed + 2)
     input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(device)
+    # one cost model at the bench's shape, for depth-aware's choice and for the predictions
+    cost = cost_model(model, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r)
+    calibration_rows: list[Row] = []
+    if args.calibrate:
+        cost, calibration_rows = _calibrated(model, cost, args, input_ids, say)
+    rows = _rows(model, scores, args, arch.num_layers, cost)
     _time_rows(model, rows, args, input_ids, say)
 
     results = _results(rows, probe_seconds, args.e2e_steps)
@@ -558,6 +588,15 @@ def run_bench(
             "scores": scores.to_dict(),
         },
         "cost_model": dataclasses.asdict(cost),
+        "calibration": [
+            {
+                "selection": row.arm.split(":", 1)[1],
+                "gradient_checkpointing": row.gradient_checkpointing,
+                "layers": row.layers,
+                "median_ms": 1000 * row.median_seconds,
+            }
+            for row in calibration_rows
+        ],  # fmt: skip
         "e2e_steps": args.e2e_steps,
         "results": results,
     }
@@ -634,6 +673,17 @@ def _title(record: dict[str, Any]) -> str:
     )
 
 
+def _cost_model_note(record: dict[str, Any]) -> str:
+    calibration = record["cost_model"]["meta"].get("calibration")
+    if not calibration:
+        return "FLOP counts of the real shapes with the default LoRA factor (fitted on an H200); not calibrated here"
+    names = sorted({c["selection"] for c in record.get("calibration", [])})
+    return (
+        f"calibrated in this run on {len(calibration['points'])} timed selections ({', '.join(names)}), none of "
+        f"them an arm; largest fit error {calibration['max_relative_error']:.1%}"
+    )
+
+
 def markdown_report(record: dict[str, Any], table: str) -> str:
     m, t, p, hw, v = (
         record["model"],
@@ -663,6 +713,7 @@ def markdown_report(record: dict[str, Any], table: str) -> str:
         f"{t['rounds']} interleaved rounds of {t['steps_per_round']} timed steps; median over all timed steps",
         f"- probe: {p['seconds']:.2f} s ({p['batches']} batches of {p['batch_size']} x {p['seq_len']} tokens), "
         f"{p['seconds'] / (base['median_ms'] / 1000):.1f} lora-all steps",
+        f"- cost model: {_cost_model_note(record)}",
         "",
         table,
         "",
