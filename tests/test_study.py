@@ -35,7 +35,7 @@ def ws(tmp_path_factory) -> Path:
 def _args(ws: Path, out: Path, **kw) -> StudyArguments:
     settings = dict(
         gsm8k_dir=str(ws / "gsm8k"), output_dir=str(out), model=str(ws / "model"), mmlu_dir=str(ws / "mmlu"),
-        text=str(ws / "text.txt"), steps=3, batch_size=2, max_length=32, probe_batches=2, test_limit=4,
+        text=str(ws / "text.txt"), steps=3, batch_size=2, time_rounds=2, time_steps=1, max_length=32, probe_batches=2, test_limit=4,
         exact_match=2, max_new_tokens=3, text_windows=2, humaneval_limit=0, eval_max_length=32, quiet=True,
     )  # fmt: skip
     return StudyArguments(**(settings | kw))
@@ -81,9 +81,22 @@ def test_selections_have_the_budget_and_the_named_shape(study):
     assert arms["random-1"]["selected_layers"] != arms["random-2"]["selected_layers"]
 
 
+def test_arms_are_timed_side_by_side_and_speedups_come_from_that(study):
+    timing = study["timing"]
+    trained = [a["arm"] for a in study["arms"] if a["arm"] != "lora-all-equal-time"]
+    assert list(timing["step_seconds"]) == trained
+    assert all(
+        len(t) == timing["rounds"] * timing["steps_per_round"] == 2 for t in timing["step_seconds"].values()
+    )
+    med = timing["median_seconds"]
+    for a in study["arms"]:
+        own = med["lora-all" if a["arm"] == "lora-all-equal-time" else a["arm"]]
+        assert a["measured_speedup"] == pytest.approx(med["lora-all"] / own)
+
+
 def test_equal_time_arm_gets_the_steps_that_fit_in_tops_wall_clock(study):
-    arms = {a["arm"]: a for a in study["arms"]}
-    expected = math.floor(arms["top"]["wall_seconds"] / arms["lora-all"]["step_seconds"])
+    arms, med = {a["arm"]: a for a in study["arms"]}, study["timing"]["median_seconds"]
+    expected = math.floor((arms["top"]["probe_seconds"] + 3 * med["top"]) / med["lora-all"])
     assert arms["lora-all-equal-time"]["steps"] == max(1, min(expected, 2 * 3))
 
 
@@ -131,9 +144,20 @@ def test_resume_keeps_finished_arms_and_refuses_other_settings(ws, tmp_path):
     first = run_study(_args(ws, out, arms=["last"]), log=lambda *a: None)
     again = run_study(_args(ws, out, arms=["last", "random-1"], resume=True), log=lambda *a: None)
     assert [a["arm"] for a in again["arms"]] == ["lora-all", "last", "random-1"]
-    assert again["arms"][:2] == json.loads(json.dumps(first["arms"]))  # kept as written, not re-run
+    derived = {"measured_speedup", "delta", "gsm8k_nll_vs_all"}  # recomputed from the new timing
+
+    def trained(arms):
+        return [{k: v for k, v in a.items() if k not in derived} for a in json.loads(json.dumps(arms))]
+
+    assert trained(again["arms"][:2]) == trained(first["arms"])  # kept as written, not re-run
     with pytest.raises(ValueError, match="other settings.*steps"):
         run_study(_args(ws, out, arms=["last"], steps=4, resume=True), log=lambda *a: None)
+    # timing settings are not results: a resume may change them, and re-times when arms were added
+    assert set(again["timing"]["median_seconds"]) == {"lora-all", "last", "random-1"}
+    third = run_study(
+        _args(ws, out, arms=["last", "random-1"], time_rounds=1, resume=True), log=lambda *a: None
+    )
+    assert third["timing"] == again["timing"]  # nothing new to time
     with pytest.raises(FileExistsError):
         run_study(_args(ws, out, arms=["last"]), log=lambda *a: None)
 

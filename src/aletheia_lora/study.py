@@ -131,6 +131,12 @@ class StudyArguments:
     mmlu_limit: int = field(default=100, metadata={"help": "MMLU questions (with --mmlu_dir)."})
     eval_max_length: int = field(default=512, metadata={"help": "Tokens per evaluation example / window."})
     eval_batch_size: int = field(default=8, metadata={"help": "Examples per evaluation forward pass."})
+    time_rounds: int = field(
+        default=3,
+        metadata={"help": "After training: interleaved timing rounds over every arm (0: use the training "
+                  "runs' own step times)."},
+    )  # fmt: skip
+    time_steps: int = field(default=3, metadata={"help": "Timed steps per arm and timing round."})
     resume: bool = field(
         default=False, metadata={"help": "Keep the arms an earlier run with the same settings finished."}
     )
@@ -147,10 +153,25 @@ class StudyArguments:
             raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}.")
         wanted = {BASELINE, *self.arms} | ({DEFAULT_ARM} if EQUAL_TIME in self.arms else set())
         self.arms = [a for a in ARMS if a in wanted]  # fixed order: the baseline and default come first
-        for name in ("steps", "batch_size", "max_length", "probe_batches", "r", "eval_max_length"):
+        for name in (
+            "steps",
+            "batch_size",
+            "max_length",
+            "probe_batches",
+            "r",
+            "eval_max_length",
+            "time_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
-        for name in ("test_limit", "exact_match", "text_windows", "humaneval_limit", "mmlu_limit"):
+        for name in (
+            "test_limit",
+            "exact_match",
+            "text_windows",
+            "humaneval_limit",
+            "mmlu_limit",
+            "time_rounds",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 0 (0 skips it).")
         if not self.learning_rate > 0:
@@ -165,7 +186,7 @@ class StudyArguments:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change results (what ``--resume`` must match)."""
-        skip = {"arms", "output_dir", "resume", "overwrite_output_dir", "quiet"}
+        skip = {"arms", "output_dir", "resume", "overwrite_output_dir", "quiet", "time_rounds", "time_steps"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -252,6 +273,54 @@ def evaluate(model: nn.Module, tokenizer, inputs: dict[str, Any], args: StudyArg
     return out
 
 
+# --------------------------------------------------------------------------- timing
+
+
+def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArguments, log) -> dict[str, Any]:
+    """Step times of every trained arm, measured side by side: each arm wrapped once, one warm-up step,
+    then ``time_rounds`` rounds (the arm order rotating) of ``time_steps`` steps on the same batches."""
+    from .scores import LayerScores
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(base.parameters()).device
+    batches = [{k: v.to(device) for k, v in collate([rows[i] for i in step], pad).items()}
+               for step in order[: args.time_steps]]  # fmt: skip
+    models = {}
+    for a in arms:
+        config = _config(ARMS[a["arm"]], args)
+        dummy = LayerScores({i: 1.0 for i in range(len(a["selected_layers"]))})
+        model, _ = wrap_with_plan(copy.deepcopy(base), dummy, a["selected_layers"], config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        models[a["arm"]] = (model.train(), params, torch.optim.AdamW(params, lr=args.learning_rate))
+
+    def step(name: str, batch: dict) -> float:
+        model, params, optimizer = models[name]
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    names = list(models)
+    for name in names:  # warm-up
+        step(name, batches[0])
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for rnd in range(args.time_rounds):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name] += [step(name, batch) for batch in batches]
+        log(f"timing round {rnd + 1}/{args.time_rounds} done")
+    return {
+        "rounds": args.time_rounds,
+        "steps_per_round": args.time_steps,
+        "step_seconds": seconds,
+        "median_seconds": {name: statistics.median(times) for name, times in seconds.items()},
+    }
+
+
 # --------------------------------------------------------------------------- the study
 
 
@@ -326,10 +395,17 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
     for a in arms.values():
         a["delta"] = _deltas(a, base)
         if ref:
-            a["measured_speedup"] = ref["step_seconds"] / a["step_seconds"]
+            a["measured_speedup"] = _step_seconds(record, ref) / _step_seconds(record, a)
             if "gsm8k_nll" in a["metrics"]:
                 a["gsm8k_nll_vs_all"] = a["metrics"]["gsm8k_nll"] / ref["metrics"]["gsm8k_nll"] - 1
     return answers(arms)
+
+
+def _step_seconds(record: dict[str, Any], arm: dict) -> float:
+    """An arm's step time: from the side-by-side timing when there is one, else its training run's."""
+    timed = (record.get("timing") or {}).get("median_seconds", {})
+    name = BASELINE if arm["arm"] == EQUAL_TIME else arm["arm"]  # the same layers and ranks
+    return timed.get(name, arm["step_seconds"])
 
 
 def _nll(arm: dict | None) -> float | None:
@@ -443,24 +519,37 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         record["base_eval_seconds"] = time.perf_counter() - start
         write()
     probes: dict = {}
-    for name in args.arms:
-        if any(a["arm"] == name for a in record["arms"]):
-            say(f"{name}: kept from the earlier run")
-            continue
-        arm_order = order[: args.steps]
-        if name == EQUAL_TIME:  # as many all-layer steps as fit in the default arm's wall-clock
-            arms = {a["arm"]: a for a in record["arms"]}
-            steps = math.floor(arms[DEFAULT_ARM]["wall_seconds"] / arms[BASELINE]["step_seconds"])
-            arm_order = order[: max(1, min(steps, len(order)))]
+
+    def train(name: str, arm_order: list[list[int]]) -> None:
         say(f"{name}: training {len(arm_order)} steps ...")
         start = time.perf_counter()
         result = run_arm(base, tokenizer, ARMS[name], rows, arm_order, inputs, args, probes)
         result["seconds"] = time.perf_counter() - start
         record["arms"].append(result)
-        record["num_layers"] = len(result["selected_layers"]) if name == BASELINE else record["num_layers"]
         say(f"{name}: layers {result['selected_layers']}, step {result['step_seconds']:.2f} s, "
             f"GSM8K NLL {result['metrics'].get('gsm8k_nll', float('nan')):.4f}")  # fmt: skip
         write()
+
+    done = lambda name: any(a["arm"] == name for a in record["arms"])  # noqa: E731
+    for name in args.arms:
+        if name != EQUAL_TIME and not done(name):
+            train(name, order[: args.steps])
+        elif name != EQUAL_TIME:
+            say(f"{name}: kept from the earlier run")
+    record["num_layers"] = len(next(a for a in record["arms"] if a["arm"] == BASELINE)["selected_layers"])
+    trained = [a for a in record["arms"] if a["arm"] != EQUAL_TIME]
+    timed = set((record.get("timing") or {}).get("median_seconds", {}))
+    if args.time_rounds and timed != {a["arm"] for a in trained}:
+        say(f"timing {len(trained)} arms side by side ...")
+        record["timing"] = time_arms(base, tokenizer, trained, rows, order, args, say)
+        write()
+    if EQUAL_TIME in args.arms and not done(EQUAL_TIME):
+        # as many all-layer steps as fit in the default arm's wall-clock, probe included
+        top = next(a for a in record["arms"] if a["arm"] == DEFAULT_ARM)
+        all_layers = next(a for a in record["arms"] if a["arm"] == BASELINE)
+        wall = top["probe_seconds"] + args.steps * _step_seconds(record, top)
+        steps = math.floor(wall / _step_seconds(record, all_layers))
+        train(EQUAL_TIME, order[: max(1, min(steps, len(order)))])
     record["budget_layers"] = budget(record["num_layers"], args.top_pct)
     for params, (scores, seconds) in probes.items():  # the probe(s) this run made
         record.setdefault("scores", {})[params] = {"scores": dict(scores), "probe_seconds": seconds}
@@ -601,15 +690,22 @@ def _answer_lines(ans: dict[str, Any]) -> list[str]:
 def markdown_report(record: dict[str, Any]) -> str:
     s = record["settings"]
     hw = record.get("hardware", {})
+    t = record.get("timing")
+    timing = (
+        f"measured side by side after training ({t['rounds']} interleaved rounds of {t['steps_per_round']} "
+        f"steps per arm on the same batches)"
+        if t
+        else "from each arm's own training run"
+    )
     lines = [
         f"# Layer-selection study: {record['model']}",
         "",
         f"GSM8K train, {s['steps']} steps x batch {s['batch_size']} (max {s['max_length']} tokens), lr "
         f"{s['learning_rate']}, r={s['r']}, budget {s['top_pct']}% of layers, seed {s['seed']}; test NLL on "
         f"{s['test_limit']} GSM8K test questions. Forgetting Δ = arm - base model (NLL: lower is better; "
-        f"MMLU accuracy: higher is better). Speedup = lora-all's median step time / the arm's, measured in "
-        f"this run; predicted = the cost model's. Machine: {hw.get('cpu', '?')}, {hw.get('device', '?')}, "
-        f"{hw.get('torch_threads', '?')} threads.",
+        f"MMLU accuracy: higher is better). Speedup = lora-all's median step time / the arm's, {timing}; "
+        f"predicted = the cost model's. `wall s` = probe + the training run's own steps. Machine: "
+        f"{hw.get('cpu', '?')}, {hw.get('device', '?')}, {hw.get('torch_threads', '?')} threads.",
         "",
         markdown_table(record),
     ]
