@@ -343,3 +343,135 @@ def test_fsdp2_chunked_probe_is_refused_on_a_sharded_model(fsdp_ranks):
     # its scores would be wrong without an error, so the probe refuses and names the fix
     for r in fsdp_ranks:
         assert "method='onepass'" in r["chunked"]["error"]
+
+
+# FSDP1 (FullyShardedDataParallel, use_orig_params=True) over gloo on CPU: LoRA first, then
+# auto-wrap one FSDP unit per LlamaDecoderLayer, then probe through the root unit, then train.
+# The probe runs on the FSDP root, not on ``fsdp.module``: the root unit owns the embeddings,
+# final norm and lm_head, and only its forward all-gathers them; calling the inner PeftModel
+# skips that and meets 1-D shards (``RuntimeError: 'weight' must be 2-D`` in the embedding).
+FSDP1_SCRIPT = """
+import functools, hashlib, json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+from conftest import tiny_model, token_rows
+from peft import get_peft_model
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from aletheia_lora import gradient_probe
+from aletheia_lora.config import apply_aletheia_lora
+
+torch.set_num_threads(1)
+model, rows = tiny_model("llama"), token_rows(8)
+kw = dict(probe_batches=4, batch_size=2, max_length=16)
+ref = gradient_probe(model, rows, **kw)  # one process, the base model without LoRA
+result = {{"reference": {{"scores": dict(ref), "roles": ref.roles, "modules": ref.modules}}}}
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+peft = get_peft_model(model, apply_aletheia_lora(model, [1, 2], r=4, lora_alpha=8))
+policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={{LlamaDecoderLayer}})
+fsdp = FSDP(peft, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+trainable = sorted(n for n, p in fsdp.named_parameters() if p.requires_grad)
+result["units"] = {{
+    name: {{"wraps": type(unit.module).__name__, "fqns": list(unit._flat_param._fqns),
+           "requires_grad": unit._flat_param.requires_grad}}
+    for name, unit in fsdp.named_modules() if isinstance(unit, FSDP)
+}}
+scores = gradient_probe(fsdp, rows, **kw)
+result["probe"] = {{"scores": dict(scores), "roles": scores.roles, "modules": scores.modules,
+                   "meta": scores.meta}}
+result["trainable_kept"] = trainable == sorted(n for n, p in fsdp.named_parameters() if p.requires_grad)
+opt = torch.optim.AdamW([p for p in fsdp.parameters() if p.requires_grad], lr=1e-2)
+g, losses = torch.Generator().manual_seed(rank), []  # each rank its own data
+for _ in range(3):
+    ids = torch.randint(3, 100, (2, 12), generator=g)
+    loss = fsdp(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    losses.append(loss.item())
+result["losses"] = losses
+digest, lora_b = hashlib.sha256(), {{}}
+with FSDP.summon_full_params(fsdp, writeback=False):  # full (unsharded) LoRA weights on each rank
+    for name, p in sorted(fsdp.named_parameters()):
+        if "lora_" in name:
+            digest.update(name.encode())
+            digest.update(p.detach().double().numpy().tobytes())
+            if "lora_B" in name:
+                lora_b[name] = p.abs().sum().item()
+result.update(lora_sha256=digest.hexdigest(), lora_b=lora_b)
+try:  # the inner module, past the root unit: its parameters are still flat 1-D shards
+    gradient_probe(fsdp.module, rows, **kw)
+    result["inner_module_probe"] = "ran"
+except RuntimeError as err:
+    result["inner_module_probe"] = str(err)
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def fsdp1_ranks(tmp_path_factory) -> list[dict]:
+    run = _run_two_ranks(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"))
+    for proc in run["procs"]:
+        assert proc["rc"] == 0, proc["stderr"][-4000:]
+    return run["results"]
+
+
+def test_fsdp1_auto_wrap_puts_each_decoder_layer_in_its_own_unit(fsdp1_ranks):
+    layers = "_fsdp_wrapped_module.base_model.model.model.layers"
+    for r in fsdp1_ranks:
+        units = r["units"]
+        assert sorted(units) == ["", *(f"{layers}.{i}" for i in range(4))]
+        assert units[""]["wraps"] == "PeftModelForCausalLM"  # the root keeps embeddings, norm, lm_head
+        assert units[""]["fqns"] == [
+            "base_model.model.model.embed_tokens.weight",
+            "base_model.model.model.norm.weight",
+            "base_model.model.lm_head.weight",
+        ]
+        for i in range(4):
+            unit = units[f"{layers}.{i}"]
+            assert unit["wraps"] == "LlamaDecoderLayer"
+            lora = [f for f in unit["fqns"] if ".lora_" in f]
+            if i in (1, 2):  # adapted: frozen base weights and trainable LoRA share one flat parameter
+                assert len(lora) == 14 and "self_attn.q_proj.base_layer.weight" in unit["fqns"]
+                assert unit["requires_grad"]
+            else:
+                assert not lora and "self_attn.q_proj.weight" in unit["fqns"]
+                assert not unit["requires_grad"]
+
+
+def test_fsdp1_onepass_probe_through_the_root_unit_matches_the_single_process_probe(fsdp1_ranks):
+    r0, r1 = fsdp1_ranks
+    p0, p1 = r0["probe"], r1["probe"]
+    assert p0["scores"] == p1["scores"]  # identical, not merely close
+    assert p0["meta"]["world_size"] == 2 and p0["meta"]["batches"] == 4
+    # LoRA B starts at zero, so every base Linear sees the same input and output gradient as
+    # without LoRA: the lora-targets scores (base weight gradient norms) equal the reference's
+    ref = r0["reference"]
+    _rel_close(p0["scores"], ref["scores"])
+    for layer in ref["scores"]:
+        _rel_close(p0["roles"][layer], ref["roles"][layer])
+        # the per-tensor names are read through the FSDP unit and keep its wrapper prefix
+        prefix = "_fsdp_wrapped_module."
+        assert all(name.startswith(prefix) for name in p0["modules"][layer])
+        named = {name.removeprefix(prefix): v for name, v in p0["modules"][layer].items()}
+        _rel_close(named, ref["modules"][layer])
+    assert p0["meta"]["blocks_path"] == "_fsdp_wrapped_module.base_model.model.model.layers"
+
+
+def test_fsdp1_training_after_the_probe_keeps_lora_in_sync(fsdp1_ranks):
+    r0, r1 = fsdp1_ranks
+    assert r0["trainable_kept"] and r1["trainable_kept"]  # the probe restored requires_grad
+    assert r0["lora_sha256"] == r1["lora_sha256"]
+    assert r0["lora_b"] == r1["lora_b"] and len(r0["lora_b"]) == 14
+    assert all(v > 0 for v in r0["lora_b"].values())  # B starts at zero: training moved it
+    assert r0["losses"] != r1["losses"]  # each rank trained on its own data
+    assert all(math.isfinite(x) for x in r0["losses"] + r1["losses"])
+
+
+def test_fsdp1_probe_on_the_inner_module_meets_the_sharded_root_parameters(fsdp1_ranks):
+    for r in fsdp1_ranks:
+        assert "must be 2-D" in r["inner_module_probe"], r["inner_module_probe"]

@@ -184,7 +184,8 @@ def block_targets(block: nn.Module) -> list[Target]:
                 targets.append(Target(f"{name}.weight", "router", "parameter"))
         else:
             for pname, param in module.named_parameters(recurse=False):
-                if param.dim() == 3 and param.is_floating_point():
+                # a ZeRO-3 partitioned tensor is flat here; its real shape is ds_shape
+                if len(getattr(param, "ds_shape", param.shape)) == 3 and param.is_floating_point():
                     targets.append(Target(f"{name}.{pname}", "expert", "parameter"))
     return targets
 

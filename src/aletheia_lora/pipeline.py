@@ -10,6 +10,7 @@ across ranks, the Trainer runs DDP), but only the main process writes files and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -266,6 +267,29 @@ def _resolve_resume(value: str | None, output_dir: Path) -> str | None:
     return value
 
 
+@contextlib.contextmanager
+def _whole_model_under_zero3():
+    """Load the model unpartitioned even under a ZeRO-3 launch.
+
+    Under ZeRO-3, TrainingArguments makes transformers build every model inside
+    ``deepspeed.zero.Init`` (empty, partitioned weights that only work once
+    ``deepspeed.initialize`` wraps them). The probe runs before that, so each rank loads the
+    whole model; the Trainer partitions it when it wraps it.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers without the integration
+        yield
+        return
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None and config() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config())
+
+
 def _is_main_process(training_args: TrainingArguments | None = None) -> bool:
     """Rank 0, or no distributed launch. Sets up ``torch.distributed`` under torchrun/accelerate."""
     if training_args is not None:  # the Trainer's own device setup (honours --use_cpu, --ddp_backend)
@@ -336,9 +360,10 @@ def train_job(
     )
     main_process = _is_main_process(training_args)
     say = log if main_process and not run.quiet else (lambda *a: None)
-    model, tokenizer = load_model(
-        model_args.model, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code
-    )
+    with _whole_model_under_zero3():
+        model, tokenizer = load_model(
+            model_args.model, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code
+        )
     model.to(training_args.device)  # probe where training runs (each rank: its own device)
     train_rows, eval_rows, fmt, train_tok, eval_tok = _prepare_data(data_args, tokenizer, training_args.seed)
     say(f"data: {len(train_tok)} training / {len(eval_tok)} held-out examples, format {fmt}")

@@ -52,6 +52,31 @@ METHODS = ("onepass", "chunked")
 PARAMS = ("lora-targets", "all")
 
 
+def _check_deepspeed(model: nn.Module, params: str, method: str) -> None:
+    """Refuse what cannot work on parameters DeepSpeed ZeRO-3 manages (every rank decides alike)."""
+    managed = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not managed:
+        return
+    if params == "all" or method == "chunked":
+        raise ValueError(
+            f"params={params!r}, method={method!r} on a DeepSpeed-managed model: these need weight gradients, "
+            f"which DeepSpeed's own gradient hooks would queue for reduction and break the next training "
+            f"step; use params='lora-targets' and method='onepass' (the defaults)."
+        )
+    hooked = any(
+        getattr(hook, "__module__", "").startswith("deepspeed")
+        for module in model.modules()
+        for hook in module._forward_pre_hooks.values()
+    )
+    if not hooked and any(p.numel() == 0 for p in managed):
+        raise ValueError(
+            "the model's parameters are partitioned by deepspeed.zero.Init (ZeRO-3) but DeepSpeed has not "
+            "wrapped it yet, so its weights are empty here. Load the model before creating "
+            "TrainingArguments (which turns zero.Init on under a ZeRO-3 launch), or probe engine.module "
+            "after deepspeed.initialize."
+        )
+
+
 def gradient_probe(
     model: nn.Module,
     dataset: Any,
@@ -114,6 +139,7 @@ def gradient_probe(
             "method='chunked' reads full weight gradients, which FSDP reduces across ranks before the "
             "probe can see this rank's own; use method='onepass' (the default) on a sharded model."
         )
+    _check_deepspeed(model, params, method)
     if num_layers is not None and num_layers != arch.num_layers:
         raise ValueError(
             f"num_layers={num_layers} but {type(model).__name__} has {arch.num_layers} blocks at "
