@@ -112,7 +112,8 @@ def test_metrics_deltas_and_answers(study):
     assert set(ans["targets"]) == {
         "within_3pct_of_all",
         "no_worse_than_random_mean",
-        "forgets_more_than_all_on",
+        "worse_than_all_on",
+        "worse_than_base_on",
     }
 
 
@@ -131,12 +132,14 @@ def test_answers_from_numbers():
     ans = answers(arms)
     assert ans["top_vs_random"]["beats_mean"] and not ans["top_vs_random"]["beats_every_seed"]
     assert ans["top_vs_all_equal_steps"] == pytest.approx(0.02)
-    assert ans["targets"]["within_3pct_of_all"] and ans["targets"]["forgets_more_than_all_on"] == []
+    assert ans["targets"]["within_3pct_of_all"] and ans["targets"]["worse_than_all_on"] == {}
+    assert ans["targets"]["worse_than_base_on"] == {"text_nll": 0.01}  # text NLL went up: forgetting
     arms["top"] = _arm("top", 1.04, text=0.03)
     ans = answers(arms)
-    assert not ans["targets"]["within_3pct_of_all"] and ans["targets"]["forgets_more_than_all_on"] == [
-        "text_nll"
-    ]
+    assert not ans["targets"]["within_3pct_of_all"]
+    assert ans["targets"]["worse_than_all_on"] == {"text_nll": pytest.approx(0.01)}
+    arms["top"] = _arm("top", 1.02, text=-0.01)  # text NLL went down: nothing forgotten
+    assert answers(arms)["targets"]["worse_than_base_on"] == {}
 
 
 def test_resume_keeps_finished_arms_and_refuses_other_settings(ws, tmp_path):
