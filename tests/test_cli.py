@@ -408,7 +408,7 @@ def test_python_dash_m_help_exits_0():
         [sys.executable, "-m", "aletheia_lora", "--help"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0
-    assert "usage: aletheia-lora {probe,train,demo,bench,eval}" in proc.stdout
+    assert "usage: aletheia-lora {probe,train,demo,bench,eval,study}" in proc.stdout
     assert "probe" in proc.stdout and "train" in proc.stdout
 
 

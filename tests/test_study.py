@@ -109,7 +109,8 @@ def test_metrics_deltas_and_answers(study):
     assert ref["measured_speedup"] == 1.0 and ref["gsm8k_nll_vs_all"] == 0.0
     ans = study["answers"]
     assert ans["top_vs_random"]["random_min"] <= ans["top_vs_random"]["random_mean"]
-    assert set(ans["targets"]) == {
+    assert set(ans["targets"]["top"]) == {
+        "vs_all",
         "within_3pct_of_all",
         "no_worse_than_random_mean",
         "worse_than_all_on",
@@ -132,14 +133,21 @@ def test_answers_from_numbers():
     ans = answers(arms)
     assert ans["top_vs_random"]["beats_mean"] and not ans["top_vs_random"]["beats_every_seed"]
     assert ans["top_vs_all_equal_steps"] == pytest.approx(0.02)
-    assert ans["targets"]["within_3pct_of_all"] and ans["targets"]["worse_than_all_on"] == {}
-    assert ans["targets"]["worse_than_base_on"] == {"text_nll": 0.01}  # text NLL went up: forgetting
+    t = ans["targets"]["top"]
+    assert t["within_3pct_of_all"] and t["worse_than_all_on"] == {} and t["no_worse_than_random_mean"]
+    assert t["worse_than_base_on"] == {"text_nll": 0.01}  # text NLL went up: forgetting
     arms["top"] = _arm("top", 1.04, text=0.03)
-    ans = answers(arms)
-    assert not ans["targets"]["within_3pct_of_all"]
-    assert ans["targets"]["worse_than_all_on"] == {"text_nll": pytest.approx(0.01)}
+    t = answers(arms)["targets"]["top"]
+    assert not t["within_3pct_of_all"] and not t["no_worse_than_random_mean"]
+    assert t["worse_than_all_on"] == {"text_nll": pytest.approx(0.01)}
     arms["top"] = _arm("top", 1.02, text=-0.01)  # text NLL went down: nothing forgotten
-    assert answers(arms)["targets"]["worse_than_base_on"] == {}
+    assert answers(arms)["targets"]["top"]["worse_than_base_on"] == {}
+    arms["top-asym"] = _arm("top-asym", 0.98) | {"mlp_r": 64}
+    arms["lora-all-asym"] = _arm("lora-all-asym", 0.96) | {"mlp_r": 64}
+    ans = answers(arms)
+    assert ans["asymmetric_ranks"]["vs_top"] == pytest.approx(0.98 / 1.02 - 1)
+    assert ans["targets"]["top-asym"]["vs_all"] == pytest.approx(-0.02)
+    assert ans["targets"]["top-asym"]["vs_all_same_ranks"] == pytest.approx(0.98 / 0.96 - 1)
 
 
 def test_resume_keeps_finished_arms_and_refuses_other_settings(ws, tmp_path):

@@ -199,15 +199,40 @@ def test_exact_match_prompts_the_model_as_training_did():
 
 def test_plan_predicts_the_speedup_of_its_selection():
     from aletheia_lora import predict_speedup
+    from aletheia_lora.training import planned_cost
 
     _, last = prepare_model(
-        tiny_model("llama", num_layers=6), token_rows(4), probe_batches=2, strategy="last"
+        tiny_model("llama", num_layers=6), token_rows(4), probe_batches=2, strategy="last", mlp_rank_factor=1
     )
     assert last.predicted_speedup == pytest.approx(
-        predict_speedup(tiny_model("llama", num_layers=6), [3, 4, 5])
+        predict_speedup(tiny_model("llama", num_layers=6), [3, 4, 5])  # uniform r=16, as predict_speedup
     )
     assert last.predicted_speedup > 1.0
+    _, asym = prepare_model(
+        tiny_model("llama", num_layers=6), token_rows(4), probe_batches=2, strategy="last"
+    )
+    assert asym.config.effective_mlp_r == 64  # the default: MLP rank 4 x r
+    assert asym.predicted_speedup == pytest.approx(
+        planned_cost(tiny_model("llama", num_layers=6), asym.config).speedup([3, 4, 5])
+    )
     _, everything = prepare_model(
         tiny_model("llama", num_layers=6), token_rows(4), probe_batches=2, top_pct=100
     )
     assert everything.predicted_speedup == pytest.approx(1.0)
+
+
+def test_default_ranks_are_asymmetric_and_old_plans_stay_uniform():
+    model = tiny_model("llama", num_layers=4)
+    peft_model, plan = prepare_model(model, token_rows(4), probe_batches=2)
+    ranks = {
+        n.split(".")[-1]: m.r["default"]
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "r") and n.endswith("proj")
+    }
+    assert ranks["q_proj"] == 16 and ranks["down_proj"] == 64
+    assert plan.lora_config.rank_pattern and plan.config.mlp_rank_factor == 4
+    old = plan.to_dict()
+    del old["config"]["mlp_rank_factor"]  # a plan written before the field existed
+    assert AletheiaPlan.from_dict(old).config.effective_mlp_r == 16
+    with pytest.raises(ValueError, match="mlp_rank_factor=0"):
+        AletheiaConfig(mlp_rank_factor=0)

@@ -336,6 +336,7 @@ def _config(arm: Arm, args: StudyArguments) -> AletheiaConfig:
         lora_alpha=2 * args.r,
         attention_r=arm.attention_r,
         mlp_r=arm.mlp_r,
+        mlp_rank_factor=1,  # the arms name their ranks: uniform r unless mlp_r is given
         seed=args.seed,  # probe order and LoRA init: the same for every arm
     )
 
@@ -414,6 +415,32 @@ def _nll(arm: dict | None) -> float | None:
     return arm["metrics"].get("gsm8k_nll") if arm else None
 
 
+def _targets(arm: dict, ref: dict, versus_random: dict | None, all_asym: dict | None) -> dict[str, Any]:
+    """The issue's targets for one arm: test NLL within 3% of all-layer LoRA at equal steps, no worse
+    than the random arms' mean, and forgetting no worse than all-layer LoRA's."""
+    # a forgetting suite where the arm ends worse than all-layer LoRA (NLL higher, accuracy lower)
+    worse = {
+        k: arm["delta"][k] - ref["delta"][k]
+        for k in ("text_nll", "humaneval_nll")
+        if k in arm["delta"] and arm["delta"][k] > ref["delta"][k]
+    }
+    if "mmlu_accuracy" in arm["delta"] and arm["delta"]["mmlu_accuracy"] < ref["delta"]["mmlu_accuracy"]:
+        worse["mmlu_accuracy"] = arm["delta"]["mmlu_accuracy"] - ref["delta"]["mmlu_accuracy"]
+    vs_all = _nll(arm) / _nll(ref) - 1
+    out = {
+        "vs_all": vs_all,
+        "within_3pct_of_all": vs_all <= 0.03,
+        "no_worse_than_random_mean": _nll(arm) <= versus_random["random_mean"] if versus_random else None,
+        "worse_than_all_on": worse,  # by how much
+        "worse_than_base_on": {
+            k: v for k, v in arm["delta"].items() if (v > 0 if k.endswith("nll") else v < 0)
+        },
+    }
+    if all_asym is not None and arm.get("mlp_r"):  # the same ranks on every layer
+        out["vs_all_same_ranks"] = _nll(arm) / _nll(all_asym) - 1
+    return out
+
+
 def answers(arms: dict[str, dict]) -> dict[str, Any]:
     """The study's questions, answered from the numbers (None where an arm needed was not run)."""
     out: dict[str, Any] = {}
@@ -455,22 +482,22 @@ def answers(arms: dict[str, dict]) -> dict[str, Any]:
             "top_speedup": top.get("measured_speedup"),
             "layers": da["selected_layers"],
         }
-    if top and ref:
-        # a forgetting suite where the default ends worse than all-layer LoRA (NLL higher, accuracy lower)
-        worse = {
-            k: top["delta"][k] - ref["delta"][k]
-            for k in ("text_nll", "humaneval_nll")
-            if k in top["delta"] and top["delta"][k] > ref["delta"][k]
+    asym, all_asym = arms.get("top-asym"), arms.get("lora-all-asym")
+    if asym and top:
+        out["asymmetric_ranks"] = {
+            "top_asym_nll": _nll(asym),
+            "vs_top": _nll(asym) / _nll(top) - 1,
+            "vs_all": _nll(asym) / _nll(ref) - 1 if ref else None,
+            "vs_all_asym": _nll(asym) / _nll(all_asym) - 1 if all_asym else None,
+            "all_asym_vs_all": _nll(all_asym) / _nll(ref) - 1 if all_asym and ref else None,
+            "speedup": asym.get("measured_speedup"),
         }
-        if "mmlu_accuracy" in top["delta"] and top["delta"]["mmlu_accuracy"] < ref["delta"]["mmlu_accuracy"]:
-            worse["mmlu_accuracy"] = top["delta"]["mmlu_accuracy"] - ref["delta"]["mmlu_accuracy"]
-        forgot = {k: v for k, v in top["delta"].items() if (v > 0 if k.endswith("nll") else v < 0)}
-        out["targets"] = {
-            "within_3pct_of_all": out.get("top_vs_all_equal_steps", math.inf) <= 0.03,
-            "no_worse_than_random_mean": out.get("top_vs_random", {}).get("beats_mean"),
-            "worse_than_all_on": worse,  # by how much
-            "worse_than_base_on": forgot,
-        }
+    if ref:
+        # the targets, for the uniform-rank default of the published rule and for the asymmetric one
+        out["targets"] = {}
+        for name, arm in ((DEFAULT_ARM, top), ("top-asym", asym)):
+            if arm is not None:
+                out["targets"][name] = _targets(arm, ref, out.get("top_vs_random"), all_asym)
     return out
 
 
@@ -568,6 +595,7 @@ def _previous(path: Path, args: StudyArguments) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
+    record.pop("answers", None)  # derived, recomputed at the end (perhaps by newer code)
     if record.get("settings") != args.fingerprint():
         changed = sorted(k for k, v in args.fingerprint().items() if record.get("settings", {}).get(k) != v)
         raise ValueError(
@@ -682,14 +710,32 @@ def _answer_lines(ans: dict[str, Any]) -> list[str]:
             f"- **Depth-aware:** layers {_layers(da['layers'])}, measured speedup "
             f"{da['speedup']:.2f}x (top: {da['top_speedup']:.2f}x), test NLL {da['nll_vs_top']:+.1%} vs `top`."
         )
-    t = ans.get("targets")
-    if t:
+    r = ans.get("asymmetric_ranks")
+    if r:
+        line = (
+            f"- **Asymmetric ranks (attention 16 / MLP 64):** `top-asym` test NLL {r['top_asym_nll']:.4f}, "
+            f"{r['vs_top']:+.1%} vs `top` (uniform r=16, same layers)"
+        )
+        if r["vs_all"] is not None:
+            line += f", {r['vs_all']:+.1%} vs all-layer r=16"
+        if r["vs_all_asym"] is not None:
+            line += f", {r['vs_all_asym']:+.1%} vs all-layer at the same ranks"
+        lines.append(
+            line + (f"; measured speedup {r['speedup']:.2f}x over all-layer r=16." if r["speedup"] else ".")
+        )
+    for name, t in (ans.get("targets") or {}).items():
         worse = ", ".join(f"{k} ({v:+.4f})" for k, v in t["worse_than_all_on"].items()) or "nothing"
         forgot = ", ".join(f"{k} ({v:+.4f})" for k, v in t["worse_than_base_on"].items()) or "nothing"
+        same = (
+            f" ({t['vs_all_same_ranks']:+.1%} vs all-layer at the same ranks)"
+            if "vs_all_same_ranks" in t
+            else ""
+        )
         lines.append(
-            f"- **Targets (`top`):** within 3% of all-layer: {t['within_3pct_of_all']}; no worse than random "
-            f"mean: {t['no_worse_than_random_mean']}; forgetting suites where it ends worse than all-layer "
-            f"LoRA: {worse}; worse than the base model (forgot) on: {forgot}."
+            f"- **Targets, `{name}`:** test NLL {t['vs_all']:+.1%} vs all-layer r=16{same}: within 3%: "
+            f"{t['within_3pct_of_all']}; no worse than the random mean: {t['no_worse_than_random_mean']}; "
+            f"forgetting suites where it ends worse than all-layer LoRA: {worse}; worse than the base model "
+            f"(forgot) on: {forgot}."
         )
     return lines
 

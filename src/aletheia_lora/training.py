@@ -78,7 +78,14 @@ class AletheiaConfig:
         default=None, metadata={"help": "LoRA rank of attention weights (default: r)."}
     )
     mlp_r: int | None = field(
-        default=None, metadata={"help": "LoRA rank of MLP and expert weights (default: r)."}
+        default=None, metadata={"help": "LoRA rank of MLP and expert weights (default: mlp_rank_factor x r)."}
+    )
+    mlp_rank_factor: float = field(
+        default=4,
+        metadata={
+            "help": "Without mlp_r, MLP and expert weights get rank mlp_rank_factor x r (default 4: attention "
+            "r=16, MLP r=64, the best arm of the quality study; 1 for uniform ranks)."
+        },
     )
     attention_alpha: float | None = field(
         default=None, metadata={"help": "Alpha of attention weights (default: keeps alpha/r = lora_alpha/r)."}
@@ -107,6 +114,8 @@ class AletheiaConfig:
         for name in ("probe_batches", "probe_batch_size", "r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
+        if not self.mlp_rank_factor > 0:
+            raise ValueError(f"mlp_rank_factor={self.mlp_rank_factor}; it must be > 0 (1 = uniform ranks).")
         for name in ("attention_r", "mlp_r", "top_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -121,6 +130,11 @@ class AletheiaConfig:
             raise ValueError(
                 f"target_speedup={self.target_speedup}; it needs strategy='depth-aware' and a value >= 1."
             )
+
+    @property
+    def effective_mlp_r(self) -> int:
+        """The rank MLP and expert weights get: ``mlp_r``, else ``round(mlp_rank_factor * r)``."""
+        return self.mlp_r if self.mlp_r is not None else max(1, round(self.mlp_rank_factor * self.r))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,7 +186,8 @@ class AletheiaPlan:
             scores=LayerScores.from_dict(data["scores"]),
             selected_layers=list(data["selected_layers"]),
             lora_config=LoraConfig(**lora),
-            config=AletheiaConfig(**data["config"]),
+            # plans written before mlp_rank_factor existed had uniform ranks
+            config=AletheiaConfig(**{"mlp_rank_factor": 1} | data["config"]),
             num_layers=data["num_layers"],
             probe_seconds=data["probe_seconds"],
             trainable_params=data["trainable_params"],
@@ -250,7 +265,7 @@ def planned_cost(model: nn.Module, config: AletheiaConfig) -> CostModel:
         model,
         r=config.r,
         attention_r=config.attention_r,
-        mlp_r=config.mlp_r,
+        mlp_r=config.effective_mlp_r,
         target_modules=config.target_modules,
         layers_path=config.layers_path,
     )
@@ -303,7 +318,7 @@ def wrap_with_plan(
         r=config.r,
         lora_alpha=config.lora_alpha,
         attention_r=config.attention_r,
-        mlp_r=config.mlp_r,
+        mlp_r=config.effective_mlp_r,
         attention_alpha=config.attention_alpha,
         mlp_alpha=config.mlp_alpha,
         lora_dropout=config.lora_dropout,
