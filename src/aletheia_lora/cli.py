@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import time
 import typing
@@ -331,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # PEFT still calls this transformers property; the warning is not actionable for our users
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # DeepSpeed, when installed, is imported by transformers and announces "Setting accelerator to CPU"
+    # on machines without a GPU; not actionable for our users (its own messages otherwise pass)
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: "Setting accelerator to" not in record.getMessage()
+    )
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -11,12 +11,12 @@ what it finished and ``--resume`` picks up), ``study.md`` and ``study.png``.
 arm                      layers
 =======================  ==================================================================
 ``lora-all``             every layer (the baseline)
-``top``                  the package default: ``top`` on ``probe_params="lora-targets"``
+``top``                  the published rule: ``top`` on ``probe_params="lora-targets"``, uniform r
 ``top-all-params``       ``top`` on ``probe_params="all"`` (the paper's scoring)
 ``random-1/2/3``         ``random`` with selection seeds 1, 2, 3 (same budget)
 ``last``                 the last layers (same budget)
 ``depth-aware``          ``depth-aware`` (most score per predicted step cost)
-``top-asym``             ``top`` with attention r=16, MLP r=64
+``top-asym``             ``top`` with attention r=16, MLP r=64 (the package default since this study)
 ``lora-all-asym``        every layer with attention r=16, MLP r=64
 ``lora-all-equal-time``  every layer, for as many steps as fit in ``top``'s wall-clock
                          (probe included) at ``lora-all``'s measured step time
