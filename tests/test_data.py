@@ -415,7 +415,9 @@ def test_training_rows_come_from_the_head_of_a_huge_single_file(tmp_path):
 
     path = tmp_path / "d.jsonl"
     _good_then_bad(path, ".jsonl")
-    train, held_out = _load_rows(DataArguments(data=str(path), max_train_samples=10, eval_fraction=0.2), seed=0)
+    train, held_out = _load_rows(
+        DataArguments(data=str(path), max_train_samples=10, eval_fraction=0.2), seed=0
+    )
     assert len(train) == 10 and held_out and all(r in GOOD for r in train + held_out)
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
 
