@@ -152,7 +152,13 @@ def test_sigkill_leaves_no_torn_files_and_resume_matches_an_uninterrupted_run(
 def test_ctrl_c_exits_130_with_a_resume_hint_and_resume_matches(workspace, reference, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        _command(workspace, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _command(workspace, out),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # as in a terminal: a suite started in the background (`cmd &`) inherits SIGINT ignored,
+        # and a Python started with SIGINT ignored never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
