@@ -781,11 +781,9 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
         color = "C3" if a["arm"] == DEFAULT_ARM else ("C0" if a["arm"].startswith("lora-all") else "C7")
         left.scatter([x], [y], color=color, zorder=3)
         left.annotate(a["arm"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    if "gsm8k_nll" in (record.get("base") or {}):
-        left.axhline(record["base"]["gsm8k_nll"], color="k", lw=0.8, ls=":", label="base model")
-        left.legend(fontsize=7)
+    base = (record.get("base") or {}).get("gsm8k_nll")
     left.set_xlabel("measured step-time speedup over lora-all")
-    left.set_ylabel("GSM8K test NLL (lower is better)")
+    left.set_ylabel("GSM8K test NLL (lower is better)" + (f"; base model {base:.3f}" if base else ""))
     left.grid(alpha=0.3)
     keys = [
         k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in record["arms"])
