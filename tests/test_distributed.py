@@ -115,6 +115,14 @@ def _run_two_ranks(script_text: str, root) -> dict:
     return {"procs": outputs, "results": results}
 
 
+def _both_ranks_succeed(script_text: str, root) -> list[dict]:
+    """``_run_two_ranks``, asserting both ranks exit 0; returns their result files."""
+    run = _run_two_ranks(script_text, root)
+    for proc in run["procs"]:
+        assert proc["rc"] == 0, proc["stderr"][-4000:]
+    return run["results"]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
     return _run_two_ranks(SCRIPT, tmp_path_factory.mktemp("dist"))
@@ -317,10 +325,7 @@ with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
 
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory) -> list[dict]:
-    run = _run_two_ranks(FSDP_SCRIPT, tmp_path_factory.mktemp("fsdp"))
-    for proc in run["procs"]:
-        assert proc["rc"] == 0, proc["stderr"][-4000:]
-    return run["results"]
+    return _both_ranks_succeed(FSDP_SCRIPT, tmp_path_factory.mktemp("fsdp"))
 
 
 def test_fsdp2_onepass_probe_on_a_sharded_lora_model_matches_the_unsharded_probe(fsdp_ranks):
@@ -414,10 +419,7 @@ with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
 
 @pytest.fixture(scope="module")
 def fsdp1_ranks(tmp_path_factory) -> list[dict]:
-    run = _run_two_ranks(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"))
-    for proc in run["procs"]:
-        assert proc["rc"] == 0, proc["stderr"][-4000:]
-    return run["results"]
+    return _both_ranks_succeed(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"))
 
 
 def test_fsdp1_auto_wrap_puts_each_decoder_layer_in_its_own_unit(fsdp1_ranks):

@@ -202,6 +202,26 @@ def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> list[lis
     return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
 
 
+def optimizer_step(
+    model: nn.Module, params: list, optimizer, batch: dict, schedule=None
+) -> tuple[torch.Tensor, float]:
+    """Forward, backward, clip at 1.0, AdamW step; returns (loss, device-synchronised seconds)."""
+    device = batch["input_ids"].device
+    start = time.perf_counter()
+    loss = model(**batch).loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}; lower --learning_rate.")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss.detach(), time.perf_counter() - start
+
+
 def train_arm(model: nn.Module, rows: list[dict], order: list[list[int]], args: StudyArguments, pad: int):
     """AdamW with linear warm-up and decay, gradient clipping at 1.0; returns (losses, step seconds)."""
     from transformers import get_linear_schedule_with_warmup
@@ -214,18 +234,11 @@ def train_arm(model: nn.Module, rows: list[dict], order: list[list[int]], args: 
     model.train()
     for step, indices in enumerate(order):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], pad).items()}
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --learning_rate.")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        try:
+            loss, took = optimizer_step(model, params, optimizer, batch, schedule)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"step {step}: {err}") from None
+        seconds.append(took)
         losses.append(loss.item())
     return losses, seconds
 
@@ -297,14 +310,7 @@ def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArgumen
 
     def step(name: str, batch: dict) -> float:
         model, params, optimizer = models[name]
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return optimizer_step(model, params, optimizer, batch)[1]
 
     names = list(models)
     for name in names:  # warm-up
