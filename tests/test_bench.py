@@ -244,3 +244,38 @@ def test_gpu_bench_script_runs_on_cpu_with_small_overrides(tmp_path):
         assert proc.stdout.count(row) == 2, row  # the table after the run and the summary at the end
     assert (tmp_path / "out" / "smollm2-135m" / "bench.json").is_file()
     assert "| top |" not in proc.stdout  # EXTRA_ARGS reached the bench
+
+
+def test_probe_data_gives_the_scores_and_selection_that_the_probe_command_gives(tmp_path):
+    """--probe_data probes task rows through the same data path as `train`/`probe`, so the bench
+    times the selections a real run would make (random tokens would give other scores)."""
+    from conftest import qa_rows, word_tokenizer, write_jsonl
+
+    tiny_model("llama", num_layers=4).save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    write_jsonl(tmp_path / "data.jsonl", qa_rows(40, seed=0))
+    common = ["--probe_batches", "3", "--probe_batch_size", "2", "--seed", "0"]
+    assert main(["probe", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"),
+                 "--max_length", "32", "--output_dir", str(tmp_path / "probe"), "--quiet", "true",
+                 *common]) == 0  # fmt: skip
+    probed = json.loads((tmp_path / "probe" / "layer_scores.json").read_text())
+
+    settings = dict(model=str(tmp_path / "model"), seq_len=32, batch_size=2, steps=1, warmup=0, rounds=1,
+                    gradient_checkpointing="off", arms=["top"], probe_batches=3, probe_batch_size=2, seed=0)  # fmt: skip
+    record = run_bench(
+        **settings, probe_data=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "b"), log=None
+    )
+    assert record["probe"]["data"] == str(tmp_path / "data.jsonl")
+    assert record["probe"]["scores"]["scores"] == pytest.approx(probed["scores"], rel=1e-5)
+    top = next(r for r in record["results"] if r["arm"] == "top")
+    assert top["layers"] == probed["meta"]["selected_layers"]
+    assert f"rows of {tmp_path / 'data.jsonl'}" in (tmp_path / "b" / "bench.md").read_text()
+
+    on_noise = run_bench(**settings, output_dir=str(tmp_path / "n"), log=None)
+    assert on_noise["probe"]["data"] == "random tokens"
+    assert on_noise["probe"]["scores"]["scores"] != pytest.approx(probed["scores"], rel=1e-3)
+
+
+def test_probe_data_needs_a_real_model():
+    with pytest.raises(ValueError, match="drop --probe_data, or use --model"):
+        BenchArguments(random_init="smollm2-135m", probe_data="embedded")

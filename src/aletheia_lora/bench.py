@@ -1,6 +1,7 @@
 """Side-by-side speed benchmark: all-layer LoRA against aletheia's layer selections.
 
-One process, one copy of the model. The probe runs once (timed); then every *arm* (a way of
+One process, one copy of the model. The probe runs once (timed; on random tokens, or on task
+data with ``probe_data`` so that the selections are those a real run makes); then every *arm* (a way of
 choosing the adapted layers) is trained for a few steps with and without activation
 checkpointing, in interleaved rounds, so that slow drift of the machine hits every arm alike:
 
@@ -117,6 +118,12 @@ class BenchArguments:
     probe_batch_size: int | None = field(
         default=None, metadata={"help": "Sequences per probe batch (default: batch_size)."}
     )
+    probe_data: str | None = field(
+        default=None,
+        metadata={"help": "Probe on this task data instead of random tokens (what train's --data takes; "
+                  "'embedded' for the embedded arithmetic task), so the selections are the ones train "
+                  "would make. Needs a real model (its tokenizer); steps are still timed on random tokens."},
+    )  # fmt: skip
     calibrate: bool = field(
         default=False,
         metadata={"help": "First time three other selections (every_other, bottom_quarter, top_quarter) on "
@@ -146,6 +153,11 @@ class BenchArguments:
         if self.num_layers is not None and self.random_init is None:
             raise ValueError(
                 f"num_layers={self.num_layers} applies to --random_init only; a real model keeps its blocks."
+            )
+        if self.probe_data is not None and self.random_init is not None:
+            raise ValueError(
+                f"probe_data={self.probe_data!r} with random_init={self.random_init!r}: random weights give "
+                f"task data no meaning (and have no tokenizer); drop --probe_data, or use --model."
             )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; use bf16, fp16 or fp32.")
@@ -215,8 +227,10 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build_model(args: BenchArguments, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, dict]:
-    """The model under test and a description of it.
+def build_model(
+    args: BenchArguments, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, dict, Any]:
+    """The model under test, a description of it, and its tokenizer (``None`` for random weights).
 
     ``random_init``: normal init (``initializer_range``) directly on ``device`` in ``dtype``,
     seeded by ``args.seed``; otherwise :func:`aletheia_lora.models.load_model`.
@@ -233,10 +247,11 @@ def build_model(args: BenchArguments, device: torch.device, dtype: torch.dtype) 
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
         info = {"source": "random_init", "preset": preset.name, "shapes_of": preset.hub_id}
+        tokenizer = None
     else:
         from .models import load_model
 
-        model, _ = load_model(args.model, dtype=dtype, device=device)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         if args.attn_implementation:
             model.set_attn_implementation(args.attn_implementation)
         info = {"source": "pretrained", "model": args.model or "embedded SmolLM2-135M-Instruct"}
@@ -250,7 +265,7 @@ def build_model(args: BenchArguments, device: torch.device, dtype: torch.dtype) 
             "device": str(device),
         }
     )
-    return model, info
+    return model, info, tokenizer
 
 
 # --------------------------------------------------------------------------- arms
@@ -356,14 +371,32 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: to
 # --------------------------------------------------------------------------- the run
 
 
-def _probe(model, args: BenchArguments, vocab: int, device: torch.device) -> tuple[Any, float, float]:
-    """Scores from a probe on random tokens of the bench shape; (scores, seconds, warm-up seconds)."""
+def _probe_rows(args: BenchArguments, tokenizer, vocab: int) -> list[Any]:
+    """What the probe reads: tokenized ``probe_data`` (cut at ``seq_len``), else random tokens."""
+    pbs = args.probe_batch_size or args.batch_size
+    if args.probe_data is None:
+        g = torch.Generator().manual_seed(args.seed + 1)
+        return [{"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=g).tolist()}
+                for _ in range(args.probe_batches * pbs)]  # fmt: skip
+    from .pipeline import DataArguments, _prepare_data
+
+    data = DataArguments(
+        data=None if args.probe_data == "embedded" else args.probe_data,
+        max_length=args.seq_len,
+        max_eval_samples=1,
+    )
+    return _prepare_data(data, tokenizer, args.seed)[3]
+
+
+def probe_data_label(args: BenchArguments) -> str:
+    return "random tokens" if args.probe_data is None else args.probe_data
+
+
+def _probe(model, rows: list[Any], args: BenchArguments, device: torch.device) -> tuple[Any, float, float]:
+    """Scores from a timed probe on ``rows``; (scores, seconds, warm-up seconds)."""
     from .probe import gradient_probe
 
     pbs = args.probe_batch_size or args.batch_size
-    g = torch.Generator().manual_seed(args.seed + 1)
-    rows = [{"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=g).tolist()}
-            for _ in range(args.probe_batches * pbs)]  # fmt: skip
     kwargs = dict(batch_size=pbs, seed=args.seed, device=device)
     start = time.perf_counter()  # first kernels, allocator growth: not part of the probe's cost
     gradient_probe(model, rows[:pbs], probe_batches=1, **kwargs)
@@ -541,15 +574,16 @@ def run_bench(
     dtype = resolve_dtype(args.dtype, device)
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    model, model_info = build_model(args, device, dtype)
+    model, model_info, tokenizer = build_model(args, device, dtype)
     arch = find_blocks(model)
     vocab = model.get_input_embeddings().num_embeddings
     say(f"model: {model_info.get('preset') or model_info.get('model')} ({model_info['class']}, "
         f"{arch.num_layers} blocks, {model_info['parameters'] / 1e6:,.0f}M parameters, {model_info['dtype']}, {device})")  # fmt: skip
 
-    scores, probe_seconds, probe_warmup = _probe(model, args, vocab, device)
+    probe_rows = _probe_rows(args, tokenizer, vocab)
+    scores, probe_seconds, probe_warmup = _probe(model, probe_rows, args, device)
     say(f"probe: {probe_seconds:.2f} s for {args.probe_batches} batches of "
-        f"{args.probe_batch_size or args.batch_size} x {args.seq_len} tokens")  # fmt: skip
+        f"{args.probe_batch_size or args.batch_size} rows of {probe_data_label(args)}, at most {args.seq_len} tokens")  # fmt: skip
     g = torch.Generator().manual_seed(args.seed + 2)
     input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(device)
     # one cost model at the bench's shape, for depth-aware's choice and for the predictions
@@ -585,6 +619,7 @@ def run_bench(
             "batches": args.probe_batches,
             "batch_size": args.probe_batch_size or args.batch_size,
             "seq_len": args.seq_len,
+            "data": probe_data_label(args),
             "scores": scores.to_dict(),
         },
         "cost_model": dataclasses.asdict(cost),
@@ -711,7 +746,8 @@ def markdown_report(record: dict[str, Any], table: str) -> str:
         f"- step: {t['step']}; batch {t['batch_size']} x {t['seq_len']} tokens; LoRA r={t['lora']['r']} on every "
         f"adaptable weight of the adapted blocks; {t['warmup_steps']} warm-up steps per arm, then "
         f"{t['rounds']} interleaved rounds of {t['steps_per_round']} timed steps; median over all timed steps",
-        f"- probe: {p['seconds']:.2f} s ({p['batches']} batches of {p['batch_size']} x {p['seq_len']} tokens), "
+        f"- probe: {p['seconds']:.2f} s ({p['batches']} batches of {p['batch_size']} rows of "
+        f"{p.get('data', 'random tokens')}, at most {p['seq_len']} tokens), "
         f"{p['seconds'] / (base['median_ms'] / 1000):.1f} lora-all steps",
         f"- cost model: {_cost_model_note(record)}",
         "",
