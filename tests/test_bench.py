@@ -279,3 +279,18 @@ def test_probe_data_gives_the_scores_and_selection_that_the_probe_command_gives(
 def test_probe_data_needs_a_real_model():
     with pytest.raises(ValueError, match="drop --probe_data, or use --model"):
         BenchArguments(random_init="smollm2-135m", probe_data="embedded")
+
+
+def test_target_speedup_steers_the_depth_aware_arm_only(tmp_path):
+    settings = TINY | dict(gradient_checkpointing="off", arms=["top", "depth-aware"], log=None)
+    plain = run_bench(**settings, output_dir=str(tmp_path / "plain"))
+    fast = run_bench(**settings, target_speedup=1.5, output_dir=str(tmp_path / "fast"))
+    by_arm = {run: {r["arm"]: r for r in rec["results"]} for run, rec in (("plain", plain), ("fast", fast))}
+    assert by_arm["fast"]["depth-aware"]["predicted_speedup"] >= 1.5
+    assert by_arm["fast"]["depth-aware"]["layers"] != by_arm["plain"]["depth-aware"]["layers"]
+    assert by_arm["fast"]["top"]["layers"] == by_arm["plain"]["top"]["layers"]
+    assert "predicted >= 1.5x" in (tmp_path / "fast" / "bench.md").read_text()
+    with pytest.raises(ValueError, match="out of reach: the best any selection"):
+        run_bench(**settings, target_speedup=50, output_dir=str(tmp_path / "never"))
+    with pytest.raises(ValueError, match="target_speedup=0.5"):
+        BenchArguments(target_speedup=0.5)

@@ -107,6 +107,11 @@ class BenchArguments:
     top_k: int | None = field(
         default=None, metadata={"help": "Layer budget as an exact count (overrides top_pct)."}
     )
+    target_speedup: float | None = field(
+        default=None,
+        metadata={"help": "depth-aware arm only: pick the most score among selections predicted to be at "
+                  "least this much faster than lora-all (top_pct/top_k then cap the layer count)."},
+    )  # fmt: skip
     arms: list[str] = field(
         default_factory=lambda: list(ARMS),
         metadata={"help": "Arms to run; lora-all (the baseline) is always included.", "choices": list(ARMS)},
@@ -166,6 +171,10 @@ class BenchArguments:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len}; it must be >= 2 (one token predicts the next).")
+        if self.target_speedup is not None and not self.target_speedup >= 1:
+            raise ValueError(
+                f"target_speedup={self.target_speedup}; it must be >= 1 (1.45 = 1.45x faster than lora-all)."
+            )
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup}; it must be >= 0.")
         if self.probe_batch_size is not None and self.probe_batch_size < 1:
@@ -444,6 +453,7 @@ def _rows(model, scores, args: BenchArguments, num_layers: int, cost) -> list[Ro
                     seed=args.seed,
                     cost=cost,
                     model=model,
+                    target_speedup=args.target_speedup if arm == "depth-aware" else None,
                     gradient_checkpointing=gc,
                 )
                 predicted = predict_speedup(
@@ -708,6 +718,16 @@ def _title(record: dict[str, Any]) -> str:
     )
 
 
+def _budget_note(record: dict[str, Any]) -> str:
+    settings = record["settings"]
+    budget = f"top_k={settings['top_k']}" if settings.get("top_k") else f"top_pct={settings['top_pct']:g}"
+    note = f"layer budget {budget}"
+    if settings.get("target_speedup"):
+        note += (f"; depth-aware: the most score among selections predicted >= {settings['target_speedup']:g}x "
+                 f"(the budget is a ceiling)")  # fmt: skip
+    return note
+
+
 def _cost_model_note(record: dict[str, Any]) -> str:
     calibration = record["cost_model"]["meta"].get("calibration")
     if not calibration:
@@ -749,6 +769,7 @@ def markdown_report(record: dict[str, Any], table: str) -> str:
         f"- probe: {p['seconds']:.2f} s ({p['batches']} batches of {p['batch_size']} rows of "
         f"{p.get('data', 'random tokens')}, at most {p['seq_len']} tokens), "
         f"{p['seconds'] / (base['median_ms'] / 1000):.1f} lora-all steps",
+        f"- selection: {_budget_note(record)}",
         f"- cost model: {_cost_model_note(record)}",
         "",
         table,
