@@ -247,8 +247,8 @@ def test_gpu_bench_script_runs_on_cpu_with_small_overrides(tmp_path):
 
 
 def test_probe_data_gives_the_scores_and_selection_that_the_probe_command_gives(tmp_path):
-    """--probe_data probes task rows through the same data path as `train`/`probe`, so the bench
-    times the selections a real run would make (random tokens would give other scores)."""
+    """A real model is probed on task rows through the same data path as `train`/`probe`, so the
+    bench times the selections a real run would make (random tokens would give other scores)."""
     from conftest import qa_rows, word_tokenizer, write_jsonl
 
     tiny_model("llama", num_layers=4).save_pretrained(tmp_path / "model")
@@ -271,9 +271,13 @@ def test_probe_data_gives_the_scores_and_selection_that_the_probe_command_gives(
     assert top["layers"] == probed["meta"]["selected_layers"]
     assert f"rows of {tmp_path / 'data.jsonl'}" in (tmp_path / "b" / "bench.md").read_text()
 
-    on_noise = run_bench(**settings, output_dir=str(tmp_path / "n"), log=None)
+    on_noise = run_bench(**settings, probe_data="random", output_dir=str(tmp_path / "n"), log=None)
     assert on_noise["probe"]["data"] == "random tokens"
     assert on_noise["probe"]["scores"]["scores"] != pytest.approx(probed["scores"], rel=1e-3)
+    by_default = run_bench(
+        **settings, output_dir=str(tmp_path / "d"), log=None
+    )  # what train probes by default
+    assert by_default["probe"]["data"] == "the embedded arithmetic task"
 
 
 def test_probe_data_needs_a_real_model():
@@ -294,3 +298,13 @@ def test_target_speedup_steers_the_depth_aware_arm_only(tmp_path):
         run_bench(**settings, target_speedup=50, output_dir=str(tmp_path / "never"))
     with pytest.raises(ValueError, match="target_speedup=0.5"):
         BenchArguments(target_speedup=0.5)
+
+
+def test_progress_says_how_long_the_timing_will_take(tmp_path):
+    lines: list[str] = []
+    run_bench(
+        **TINY, gradient_checkpointing="off", arms=["top"], output_dir=str(tmp_path / "o"), log=lines.append
+    )
+    eta = [line for line in lines if "min to go" in line]
+    assert len(eta) == 1 and "2 timed rows x 1 rounds" in eta[0]
+    assert lines.index(eta[0]) == next(i for i, line in enumerate(lines) if line.startswith("round 1/1")) + 1

@@ -1,7 +1,8 @@
 """Side-by-side speed benchmark: all-layer LoRA against aletheia's layer selections.
 
-One process, one copy of the model. The probe runs once (timed; on random tokens, or on task
-data with ``probe_data`` so that the selections are those a real run makes); then every *arm* (a way of
+One process, one copy of the model. The probe runs once (timed; a real model on task data,
+``probe_data``, so that the selections are those a real run makes; random weights on random
+tokens); then every *arm* (a way of
 choosing the adapted layers) is trained for a few steps with and without activation
 checkpointing, in interleaved rounds, so that slow drift of the machine hits every arm alike:
 
@@ -54,6 +55,7 @@ ARMS = ("lora-all", "top", "depth-aware", "random", "last")
 BASELINE = "lora-all"
 # Strategies that never read the probe's scores: in a real run they need no probe.
 SCORE_FREE = frozenset({"random", "last"})
+RANDOM_TOKENS = "random"  # --probe_data value: probe on random tokens
 CHECKPOINTING = {"both": (False, True), "off": (False,), "on": (True,)}
 # Timed for --calibrate: they differ in lowest layer and in count (so forward, backward and LoRA
 # costs separate) and none of them is an arm, so the arms' predictions stay out-of-sample.
@@ -125,9 +127,10 @@ class BenchArguments:
     )
     probe_data: str | None = field(
         default=None,
-        metadata={"help": "Probe on this task data instead of random tokens (what train's --data takes; "
-                  "'embedded' for the embedded arithmetic task), so the selections are the ones train "
-                  "would make. Needs a real model (its tokenizer); steps are still timed on random tokens."},
+        metadata={"help": "What a real model is probed on: task data as train's --data takes it (default: "
+                  "'embedded', the embedded arithmetic task, as train uses by default), so the selections are "
+                  "the ones train would make; 'random' for random tokens. Random weights are always probed on "
+                  "random tokens. Steps are timed on random tokens either way."},
     )  # fmt: skip
     calibrate: bool = field(
         default=False,
@@ -159,7 +162,7 @@ class BenchArguments:
             raise ValueError(
                 f"num_layers={self.num_layers} applies to --random_init only; a real model keeps its blocks."
             )
-        if self.probe_data is not None and self.random_init is not None:
+        if self.probe_data not in (None, RANDOM_TOKENS) and self.random_init is not None:
             raise ValueError(
                 f"probe_data={self.probe_data!r} with random_init={self.random_init!r}: random weights give "
                 f"task data no meaning (and have no tokenizer); drop --probe_data, or use --model."
@@ -380,25 +383,32 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: to
 # --------------------------------------------------------------------------- the run
 
 
+def probe_source(args: BenchArguments) -> str:
+    """``"random"`` (random tokens), ``"embedded"`` (the embedded task) or the data argument."""
+    if args.random_init is not None:
+        return RANDOM_TOKENS
+    return args.probe_data or "embedded"
+
+
+def probe_data_label(args: BenchArguments) -> str:
+    source = probe_source(args)
+    return {RANDOM_TOKENS: "random tokens", "embedded": "the embedded arithmetic task"}.get(source, source)
+
+
 def _probe_rows(args: BenchArguments, tokenizer, vocab: int) -> list[Any]:
-    """What the probe reads: tokenized ``probe_data`` (cut at ``seq_len``), else random tokens."""
+    """What the probe reads: the tokenized task data (cut at ``seq_len``), or random tokens."""
     pbs = args.probe_batch_size or args.batch_size
-    if args.probe_data is None:
+    source = probe_source(args)
+    if source == RANDOM_TOKENS:
         g = torch.Generator().manual_seed(args.seed + 1)
         return [{"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=g).tolist()}
                 for _ in range(args.probe_batches * pbs)]  # fmt: skip
     from .pipeline import DataArguments, _prepare_data
 
     data = DataArguments(
-        data=None if args.probe_data == "embedded" else args.probe_data,
-        max_length=args.seq_len,
-        max_eval_samples=1,
+        data=None if source == "embedded" else source, max_length=args.seq_len, max_eval_samples=1
     )
     return _prepare_data(data, tokenizer, args.seed)[3]
-
-
-def probe_data_label(args: BenchArguments) -> str:
-    return "random tokens" if args.probe_data is None else args.probe_data
 
 
 def _probe(model, rows: list[Any], args: BenchArguments, device: torch.device) -> tuple[Any, float, float]:
@@ -488,6 +498,15 @@ def _time_rows(model, rows: list[Row], args: BenchArguments, input_ids: torch.Te
             log(
                 f"round {rnd + 1}/{args.rounds}  {row.label:<28} {1000 * statistics.median(times):9.1f} ms/step"
             )
+            if rnd == 0 and row is rows[0]:
+                log(_eta(statistics.median(times), len(rows), args))
+
+
+def _eta(step_seconds: float, num_rows: int, args: BenchArguments) -> str:
+    """How long the rest of a timing pass takes if every step is as long as the first row's."""
+    left = (num_rows - 1) * (args.warmup + args.steps) + (args.rounds - 1) * num_rows * args.steps
+    return (f"  ({num_rows} timed rows x {args.rounds} rounds: about {step_seconds * left / 60:.1f} min to go "
+            f"at this step time; lower --seq_len/--steps/--rounds for a quicker look)")  # fmt: skip
 
 
 def _results(rows: list[Row], probe_seconds: float, e2e_steps: int) -> list[dict[str, Any]]:
