@@ -5,8 +5,11 @@
 #
 # Runs `aletheia-lora bench` on random weights with the real shapes of Llama-3.1-8B and then
 # Qwen2.5-1.5B (bf16, batch 4 x 1024 tokens, LoRA r=16, top_pct 50, every arm with and
-# without gradient checkpointing) and prints each markdown table. About 3-4 minutes on one
-# H200 (the larger shape takes most of it); each shape writes OUT_DIR/<preset>/bench.{json,md,png}.
+# without gradient checkpointing) and prints each markdown table. Then, for Llama-3.1-8B, one
+# more run of the depth-aware arm alone with --target_speedup 1.45 (the target): does the
+# selection the cost model predicts at 1.45x measure 1.45x? (Random weights give the probe no task
+# signal, so the plain depth-aware arm may start at block 0 there.) About 4-5 minutes on one
+# H200; each run writes OUT_DIR/<preset>[-target]/bench.{json,md,png}.
 #
 # Environment overrides (defaults in brackets):
 #   PRESETS     shapes to run, space-separated      [llama-3.1-8b qwen2.5-1.5b]
@@ -17,6 +20,8 @@
 #   CHECKPOINTING  both | on | off                  [both]
 #   PYTHON      interpreter with torch/transformers/peft  [.venv/bin/python if present, else python3]
 #   EXTRA_ARGS  more `aletheia-lora bench` flags, e.g. "--device cuda:1"
+#   TARGET_SPEEDUP  the depth-aware target of the extra run        [1.45; empty: no extra run]
+#   TARGET_PRESETS  shapes that get the extra run                  [llama-3.1-8b]
 #
 # On a CPU, for a quick check of the script itself:
 #   PRESET=smollm2-135m NUM_LAYERS=4 SEQ_LEN=64 STEPS=2 scripts/gpu_bench.sh /tmp/bench-check
@@ -39,25 +44,46 @@ print(f"torch {torch.__version__}; " + (f"GPU: {torch.cuda.get_device_name(0)}" 
       else "no GPU visible: running on the CPU (use small overrides, see the script header)"))
 PY
 
-for preset in $PRESETS; do
-    args=(--random_init "$preset" --batch_size "${BATCH_SIZE:-4}" --seq_len "${SEQ_LEN:-1024}"
-          --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" --rounds "${ROUNDS:-3}" --r "${R:-16}"
-          --top_pct "${TOP_PCT:-50}" --gradient_checkpointing "${CHECKPOINTING:-both}"
-          --output_dir "$OUT/$preset" --overwrite_output_dir)
+TARGET_SPEEDUP="${TARGET_SPEEDUP-1.45}"
+TARGET_PRESETS="${TARGET_PRESETS-llama-3.1-8b}"
+runs=()
+
+bench() {  # bench NAME PRESET [extra flags...]: one bench run into $OUT/NAME; a failed run is reported, not fatal
+    local name=$1 preset=$2; shift 2
+    local args=(--random_init "$preset" --batch_size "${BATCH_SIZE:-4}" --seq_len "${SEQ_LEN:-1024}"
+                --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" --rounds "${ROUNDS:-3}" --r "${R:-16}"
+                --top_pct "${TOP_PCT:-50}" --gradient_checkpointing "${CHECKPOINTING:-both}"
+                --output_dir "$OUT/$name" --overwrite_output_dir "$@")
     [[ -n "${NUM_LAYERS:-}" ]] && args+=(--num_layers "$NUM_LAYERS")
     [[ -n "${DTYPE:-}" ]] && args+=(--dtype "$DTYPE")
     # shellcheck disable=SC2206  # EXTRA_ARGS is meant to be split into words
     [[ -n "${EXTRA_ARGS:-}" ]] && args+=($EXTRA_ARGS)
     echo
-    echo "=== $preset ==="
-    start=$SECONDS
-    "$PYTHON" -m aletheia_lora bench "${args[@]}"
-    echo "($preset: $((SECONDS - start)) s)"
+    echo "=== $name ==="
+    local start=$SECONDS
+    if "$PYTHON" -m aletheia_lora bench "${args[@]}"; then
+        runs+=("$name")
+    else
+        echo "(bench $name failed; the error is above)"
+    fi
+    echo "($name: $((SECONDS - start)) s)"
+}
+
+for preset in $PRESETS; do
+    bench "$preset" "$preset"
 done
+if [[ -n "$TARGET_SPEEDUP" ]]; then
+    for preset in $PRESETS; do
+        if [[ " $TARGET_PRESETS " == *" $preset "* ]]; then
+            bench "$preset-target" "$preset" --arms depth-aware --target_speedup "$TARGET_SPEEDUP"
+        fi
+    done
+fi
 
 echo
 echo "=== all tables ==="
-for preset in $PRESETS; do
+for name in "${runs[@]}"; do
     echo
-    cat "$OUT/$preset/bench.md"
+    cat "$OUT/$name/bench.md"
 done
+[[ ${#runs[@]} -gt 0 ]]

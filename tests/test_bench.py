@@ -229,8 +229,11 @@ def test_every_preset_is_tested_and_the_list_is_complete():
 
 
 def test_gpu_bench_script_runs_on_cpu_with_small_overrides(tmp_path):
+    """The prepared GPU script, at toy size: every run's table at the end, flags passed through,
+    and a failed extra run (an unreachable target) reported without losing the others."""
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", PRESET="smollm2-135m", NUM_LAYERS="2",
-               SEQ_LEN="16", BATCH_SIZE="2", STEPS="1", WARMUP="0", ROUNDS="1", EXTRA_ARGS="--arms last")  # fmt: skip
+               SEQ_LEN="16", BATCH_SIZE="2", STEPS="1", WARMUP="0", ROUNDS="1", EXTRA_ARGS="--e2e_steps 7",
+               TARGET_PRESETS="smollm2-135m", TARGET_SPEEDUP="99")  # fmt: skip
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_bench.sh"), str(tmp_path / "out")],
         env=env,
@@ -240,10 +243,13 @@ def test_gpu_bench_script_runs_on_cpu_with_small_overrides(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| arm | checkpointing | layers |" in proc.stdout
-    for row in ("| lora-all | off |", "| lora-all | on |", "| last | off |", "| last | on |"):
-        assert proc.stdout.count(row) == 2, row  # the table after the run and the summary at the end
-    assert (tmp_path / "out" / "smollm2-135m" / "bench.json").is_file()
-    assert "| top |" not in proc.stdout  # EXTRA_ARGS reached the bench
+    for arm in ARMS:
+        for gc in ("off", "on"):
+            assert proc.stdout.count(f"| {arm} | {gc} |") == 2, arm  # the table after the run and at the end
+    record = json.loads((tmp_path / "out" / "smollm2-135m" / "bench.json").read_text())
+    assert record["settings"]["e2e_steps"] == 7  # EXTRA_ARGS reached the bench
+    assert "target_speedup=99.0 is out of reach" in proc.stderr
+    assert "(bench smollm2-135m-target failed" in proc.stdout
 
 
 def test_probe_data_gives_the_scores_and_selection_that_the_probe_command_gives(tmp_path):
