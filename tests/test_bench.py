@@ -284,6 +284,13 @@ def test_probe_data_gives_the_scores_and_selection_that_the_probe_command_gives(
         **settings, output_dir=str(tmp_path / "d"), log=None
     )  # what train probes by default
     assert by_default["probe"]["data"] == "the embedded arithmetic task"
+    assert by_default["probe"]["batch_size"] == 2  # as given
+    defaults = dict(settings, probe_batch_size=None)
+    assert (
+        run_bench(**defaults, output_dir=str(tmp_path / "d1"), log=None)["probe"]["batch_size"] == 1
+    )  # as train
+    noise = run_bench(**defaults, probe_data="random", output_dir=str(tmp_path / "n4"), log=None)
+    assert noise["probe"]["batch_size"] == 2  # the bench's batch_size
 
 
 def test_probe_data_needs_a_real_model():

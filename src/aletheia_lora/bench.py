@@ -123,7 +123,11 @@ class BenchArguments:
     )  # fmt: skip
     probe_batches: int = field(default=5, metadata={"help": "Batches of the (timed) gradient probe."})
     probe_batch_size: int | None = field(
-        default=None, metadata={"help": "Sequences per probe batch (default: batch_size)."}
+        default=None,
+        metadata={
+            "help": "Sequences per probe batch (default: train's default, 1, on task data; batch_size on "
+            "random tokens)."
+        },
     )
     probe_data: str | None = field(
         default=None,
@@ -390,6 +394,17 @@ def probe_source(args: BenchArguments) -> str:
     return args.probe_data or "embedded"
 
 
+def probe_batch_size(args: BenchArguments) -> int:
+    """Rows per probe batch: as given; else train's default on task data, the bench shape on random tokens."""
+    if args.probe_batch_size is not None:
+        return args.probe_batch_size
+    if probe_source(args) == RANDOM_TOKENS:
+        return args.batch_size
+    from .training import AletheiaConfig
+
+    return AletheiaConfig().probe_batch_size
+
+
 def probe_data_label(args: BenchArguments) -> str:
     source = probe_source(args)
     return {RANDOM_TOKENS: "random tokens", "embedded": "the embedded arithmetic task"}.get(source, source)
@@ -397,7 +412,7 @@ def probe_data_label(args: BenchArguments) -> str:
 
 def _probe_rows(args: BenchArguments, tokenizer, vocab: int) -> list[Any]:
     """What the probe reads: the tokenized task data (cut at ``seq_len``), or random tokens."""
-    pbs = args.probe_batch_size or args.batch_size
+    pbs = probe_batch_size(args)
     source = probe_source(args)
     if source == RANDOM_TOKENS:
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -415,7 +430,7 @@ def _probe(model, rows: list[Any], args: BenchArguments, device: torch.device) -
     """Scores from a timed probe on ``rows``; (scores, seconds, warm-up seconds)."""
     from .probe import gradient_probe
 
-    pbs = args.probe_batch_size or args.batch_size
+    pbs = probe_batch_size(args)
     kwargs = dict(batch_size=pbs, seed=args.seed, device=device)
     start = time.perf_counter()  # first kernels, allocator growth: not part of the probe's cost
     gradient_probe(model, rows[:pbs], probe_batches=1, **kwargs)
@@ -612,7 +627,7 @@ def run_bench(
     probe_rows = _probe_rows(args, tokenizer, vocab)
     scores, probe_seconds, probe_warmup = _probe(model, probe_rows, args, device)
     say(f"probe: {probe_seconds:.2f} s for {args.probe_batches} batches of "
-        f"{args.probe_batch_size or args.batch_size} rows of {probe_data_label(args)}, at most {args.seq_len} tokens")  # fmt: skip
+        f"{probe_batch_size(args)} rows of {probe_data_label(args)}, at most {args.seq_len} tokens")  # fmt: skip
     g = torch.Generator().manual_seed(args.seed + 2)
     input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(device)
     # one cost model at the bench's shape, for depth-aware's choice and for the predictions
@@ -646,7 +661,7 @@ def run_bench(
             "seconds": probe_seconds,
             "warmup_seconds": probe_warmup,
             "batches": args.probe_batches,
-            "batch_size": args.probe_batch_size or args.batch_size,
+            "batch_size": probe_batch_size(args),
             "seq_len": args.seq_len,
             "data": probe_data_label(args),
             "scores": scores.to_dict(),
