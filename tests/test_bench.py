@@ -321,3 +321,27 @@ def test_progress_says_how_long_the_timing_will_take(tmp_path):
     eta = [line for line in lines if "min to go" in line]
     assert len(eta) == 1 and "2 timed rows x 1 rounds" in eta[0]
     assert lines.index(eta[0]) == next(i for i, line in enumerate(lines) if line.startswith("round 1/1")) + 1
+
+
+def test_preview_script_lists_every_strategy_with_predictions(tmp_path):
+    out = tmp_path / "preview"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "preview_selections.py"), "--random_init", "smollm2-135m",
+         "--num_layers", "4", "--probe_tokens", "16", "--output_dir", str(out), "--target_speedup", "1.2", "9"],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "preview.json").read_text())
+    assert len(record["probe"]["scores"]) == 4
+    rows = record["rows"]
+    assert [(r["strategy"], r["target_speedup"]) for r in rows[:6]] == [
+        ("top", None), ("depth-aware", None), ("random", None), ("last", None), ("depth-aware", 1.2),
+        ("depth-aware", 9.0)]  # fmt: skip
+    assert [r["gradient_checkpointing"] for r in rows] == [False] * 6 + [True] * 6
+    for r in rows:
+        if r["target_speedup"] == 9.0:
+            assert "out of reach" in r["error"]
+        else:
+            assert r["count"] == 2 and r["predicted_speedup"] > 1 and 0 < r["captured_share"] <= 1
+            assert r["predicted_speedup"] >= (r["target_speedup"] or 1)
+    assert "| last | - | off | 2 | 2: [2, 3] |" in (out / "preview.md").read_text()
