@@ -11,7 +11,15 @@ import pytest
 from conftest import WORDS, qa_rows, tiny_model, word_tokenizer, write_jsonl
 
 from aletheia_lora.cli import main
-from aletheia_lora.study import ARMS, StudyArguments, answers, batch_order, markdown_table, run_study
+from aletheia_lora.study import (
+    ARMS,
+    StudyArguments,
+    _answer_lines,
+    answers,
+    batch_order,
+    markdown_table,
+    run_study,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -148,6 +156,16 @@ def test_answers_from_numbers():
     assert ans["asymmetric_ranks"]["vs_top"] == pytest.approx(0.98 / 1.02 - 1)
     assert ans["targets"]["top-asym"]["vs_all"] == pytest.approx(-0.02)
     assert ans["targets"]["top-asym"]["vs_all_same_ranks"] == pytest.approx(0.98 / 0.96 - 1)
+    assert "depth_aware_asym" not in ans
+    arms["depth-aware-asym"] = _arm("depth-aware-asym", 0.99, layers=(2, 3)) | {
+        "mlp_r": 64,
+        "measured_speedup": 1.3,
+    }
+    d = answers(arms)["depth_aware_asym"]
+    assert d["nll_vs_top_asym"] == pytest.approx(0.99 / 0.98 - 1) and d["vs_all"] == pytest.approx(-0.01)
+    assert (d["speedup"], d["top_asym_speedup"], d["layers"]) == (1.3, 1.0, [2, 3])
+    line = next(x for x in _answer_lines(answers(arms)) if "Depth-aware at the default ranks" in x)
+    assert "+1.0% vs `top-asym`" in line and "1.30x against `top-asym`'s 1.00x" in line
 
 
 def test_resume_keeps_finished_arms_and_refuses_other_settings(ws, tmp_path):

@@ -17,6 +17,7 @@ arm                      layers
 ``last``                 the last layers (same budget)
 ``depth-aware``          ``depth-aware`` (most score per predicted step cost)
 ``top-asym``             ``top`` with attention r=16, MLP r=64 (the package default since this study)
+``depth-aware-asym``     ``depth-aware`` with attention r=16, MLP r=64
 ``lora-all-asym``        every layer with attention r=16, MLP r=64
 ``lora-all-equal-time``  every layer, for as many steps as fit in ``top``'s wall-clock
                          (probe included) at ``lora-all``'s measured step time
@@ -85,6 +86,7 @@ ARMS = {
         Arm("last", "last"),
         Arm("depth-aware", "depth-aware"),
         Arm("top-asym", "top", attention_r=16, mlp_r=64),
+        Arm("depth-aware-asym", "depth-aware", attention_r=16, mlp_r=64),
         Arm("lora-all-asym", None, attention_r=16, mlp_r=64),
         Arm(EQUAL_TIME, None),
     )
@@ -498,6 +500,15 @@ def answers(arms: dict[str, dict]) -> dict[str, Any]:
             "all_asym_vs_all": _nll(all_asym) / _nll(ref) - 1 if all_asym and ref else None,
             "speedup": asym.get("measured_speedup"),
         }
+    if asym and "depth-aware-asym" in arms:
+        da = arms["depth-aware-asym"]
+        out["depth_aware_asym"] = {
+            "nll_vs_top_asym": _nll(da) / _nll(asym) - 1,
+            "vs_all": _nll(da) / _nll(ref) - 1 if ref else None,
+            "speedup": da.get("measured_speedup"),
+            "top_asym_speedup": asym.get("measured_speedup"),
+            "layers": da["selected_layers"],
+        }
     if ref:
         # the targets, for the uniform-rank default of the published rule and for the asymmetric one
         out["targets"] = {}
@@ -729,6 +740,19 @@ def _answer_lines(ans: dict[str, Any]) -> list[str]:
         lines.append(
             line + (f"; measured speedup {r['speedup']:.2f}x over all-layer r=16." if r["speedup"] else ".")
         )
+    d = ans.get("depth_aware_asym")
+    if d:
+        line = (
+            f"- **Depth-aware at the default ranks:** layers {_layers(d['layers'])}, test NLL "
+            f"{d['nll_vs_top_asym']:+.1%} vs `top-asym`"
+        )
+        if d["vs_all"] is not None:
+            line += f" ({d['vs_all']:+.1%} vs all-layer r=16)"
+        if d["speedup"] and d["top_asym_speedup"]:
+            line += (
+                f"; measured speedup {d['speedup']:.2f}x against `top-asym`'s {d['top_asym_speedup']:.2f}x"
+            )
+        lines.append(line + ".")
     for name, t in (ans.get("targets") or {}).items():
         worse = ", ".join(f"{k} ({v:+.4f})" for k, v in t["worse_than_all_on"].items()) or "nothing"
         forgot = ", ".join(f"{k} ({v:+.4f})" for k, v in t["worse_than_base_on"].items()) or "nothing"
