@@ -8,8 +8,10 @@
 # without gradient checkpointing) and prints each markdown table. Then, for Llama-3.1-8B, one
 # more run of the depth-aware arm alone with --target_speedup 1.45 (the target): does the
 # selection the cost model predicts at 1.45x measure 1.45x? (Random weights give the probe no task
-# signal, so the plain depth-aware arm may start at block 0 there.) About 4-5 minutes on one
-# H200; each run writes OUT_DIR/<preset>[-target]/bench.{json,md,png}.
+# signal, so the plain depth-aware arm may start at block 0 there.) And one run at LoRA r=64
+# (lora-all and last, no checkpointing): how LoRA's cost grows with the rank, which the cost
+# model assumes to follow the FLOPs (the default MLP rank is 64). About 5 minutes on one H200;
+# each run writes OUT_DIR/<preset>[-target|-r64]/bench.{json,md,png}.
 #
 # Environment overrides (defaults in brackets):
 #   PRESETS     shapes to run, space-separated      [llama-3.1-8b qwen2.5-1.5b]
@@ -22,6 +24,8 @@
 #   EXTRA_ARGS  more `aletheia-lora bench` flags, e.g. "--device cuda:1"
 #   TARGET_SPEEDUP  the depth-aware target of the extra run        [1.45; empty: no extra run]
 #   TARGET_PRESETS  shapes that get the extra run                  [llama-3.1-8b]
+#   RANK_CHECK_R    the rank of the rank run                       [64; empty: no rank run]
+#   RANK_CHECK_PRESETS  shapes that get the rank run               [llama-3.1-8b]
 #
 # On a CPU, for a quick check of the script itself:
 #   PRESET=smollm2-135m NUM_LAYERS=4 SEQ_LEN=64 STEPS=2 scripts/gpu_bench.sh /tmp/bench-check
@@ -46,6 +50,8 @@ PY
 
 TARGET_SPEEDUP="${TARGET_SPEEDUP-1.45}"
 TARGET_PRESETS="${TARGET_PRESETS-llama-3.1-8b}"
+RANK_CHECK_R="${RANK_CHECK_R-64}"
+RANK_CHECK_PRESETS="${RANK_CHECK_PRESETS-llama-3.1-8b}"
 runs=()
 
 bench() {  # bench NAME PRESET [extra flags...]: one bench run into $OUT/NAME; a failed run is reported, not fatal
@@ -76,6 +82,13 @@ if [[ -n "$TARGET_SPEEDUP" ]]; then
     for preset in $PRESETS; do
         if [[ " $TARGET_PRESETS " == *" $preset "* ]]; then
             bench "$preset-target" "$preset" --arms depth-aware --target_speedup "$TARGET_SPEEDUP"
+        fi
+    done
+fi
+if [[ -n "$RANK_CHECK_R" ]]; then
+    for preset in $PRESETS; do
+        if [[ " $RANK_CHECK_PRESETS " == *" $preset "* ]]; then
+            bench "$preset-r$RANK_CHECK_R" "$preset" --r "$RANK_CHECK_R" --arms last --gradient_checkpointing off
         fi
     done
 fi

@@ -233,7 +233,8 @@ def test_gpu_bench_script_runs_on_cpu_with_small_overrides(tmp_path):
     and a failed extra run (an unreachable target) reported without losing the others."""
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", PRESET="smollm2-135m", NUM_LAYERS="2",
                SEQ_LEN="16", BATCH_SIZE="2", STEPS="1", WARMUP="0", ROUNDS="1", EXTRA_ARGS="--e2e_steps 7",
-               TARGET_PRESETS="smollm2-135m", TARGET_SPEEDUP="99")  # fmt: skip
+               TARGET_PRESETS="smollm2-135m", TARGET_SPEEDUP="99", RANK_CHECK_PRESETS="smollm2-135m",
+               RANK_CHECK_R="4")  # fmt: skip
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_bench.sh"), str(tmp_path / "out")],
         env=env,
@@ -243,13 +244,17 @@ def test_gpu_bench_script_runs_on_cpu_with_small_overrides(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| arm | checkpointing | layers |" in proc.stdout
-    for arm in ARMS:
+    for arm in ARMS:  # the table after the run and at the end; the rank run adds lora-all and last, off
         for gc in ("off", "on"):
-            assert proc.stdout.count(f"| {arm} | {gc} |") == 2, arm  # the table after the run and at the end
+            extra = 2 if gc == "off" and arm in ("lora-all", "last") else 0
+            assert proc.stdout.count(f"| {arm} | {gc} |") == 2 + extra, (arm, gc)
     record = json.loads((tmp_path / "out" / "smollm2-135m" / "bench.json").read_text())
     assert record["settings"]["e2e_steps"] == 7  # EXTRA_ARGS reached the bench
     assert "target_speedup=99.0 is out of reach" in proc.stderr
     assert "(bench smollm2-135m-target failed" in proc.stdout
+    ranked = json.loads((tmp_path / "out" / "smollm2-135m-r4" / "bench.json").read_text())
+    assert ranked["settings"]["r"] == 4 and ranked["settings"]["gradient_checkpointing"] == "off"
+    assert [r["arm"] for r in ranked["results"]] == ["lora-all", "last"]
 
 
 def test_probe_data_gives_the_scores_and_selection_that_the_probe_command_gives(tmp_path):
