@@ -253,6 +253,14 @@ except Exception as err:
     out["late_probe_error"] = f"{{type(err).__name__}}: {{err}}"
 with open(os.path.join({out!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
     json.dump(out, f)
+dist.barrier()
+dist.destroy_process_group()
+# Everything is written. DeepSpeed on CPU (gloo, its shm op) sometimes aborts in C++ static
+# destructors at interpreter exit ("terminate called without an active exception"), after the
+# work is done; leave without running them.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
