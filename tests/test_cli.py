@@ -195,6 +195,38 @@ def resumed(workspace, tmp_path_factory) -> dict:
     return {"out": out, "first": first, "checkpoint_2": checkpoint_2, "other": other}
 
 
+def test_train_calibrates_the_cost_model_at_the_training_shape_and_resume_keeps_it(
+    workspace, tmp_path, capsys
+):
+    out = tmp_path / "cal"
+    common = [*_base(workspace), *FAST, "--output_dir", str(out), "--save_steps", "1", "--strategy", "depth-aware",
+              "--calibrate_cost", "true"]  # fmt: skip
+    assert main(["train", *common, "--max_steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    first = json.loads((out / "aletheia.json").read_text())
+    plan, settings = first["plan"], first["settings"]["aletheia"]
+    assert (settings["calibrate_batch_size"], settings["calibrate_seq_len"]) == (
+        2,
+        32,
+    )  # FAST's batch and length
+    assert len(plan["calibration"]["points"]) == 3 and all(
+        p["measured_s"] > 0 for p in plan["calibration"]["points"]
+    )
+    assert "calibrating the cost model: 3 selections x a few steps of 2 x 32 tokens" in printed
+    note = "(cost model calibrated on this machine, largest fit error"
+    assert f"predicted step speedup {plan['predicted_speedup']:.2f}x {note}" in printed
+    assert note in (out / "report.md").read_text()
+
+    assert (
+        main(["train", *common, "--max_steps", "2", "--resume_from_checkpoint", "true", "--quiet", "true"])
+        == 0
+    )
+    second = json.loads((out / "aletheia.json").read_text())["plan"]
+    assert second["calibration"] == plan["calibration"]  # not re-timed on resume
+    assert second["predicted_speedup"] == plan["predicted_speedup"]
+    assert second["selected_layers"] == plan["selected_layers"]
+
+
 def test_resume_keeps_the_saved_selection_without_reprobing(resumed):
     out, first = resumed["out"], resumed["first"]
     second = json.loads((out / "aletheia.json").read_text())

@@ -221,6 +221,33 @@ def test_plan_predicts_the_speedup_of_its_selection():
     assert everything.predicted_speedup == pytest.approx(1.0)
 
 
+def test_calibrate_cost_fits_the_cost_model_on_this_machine_and_leaves_the_model_as_it_was():
+    from aletheia_lora.costmodel import calibrate
+    from aletheia_lora.training import machine_cost, planned_cost
+
+    model = tiny_model("llama", num_layers=6)
+    before = _snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    config = AletheiaConfig(strategy="depth-aware", probe_batches=2, calibrate_cost=True, calibrate_batch_size=2,
+                            calibrate_seq_len=16)  # fmt: skip
+    fitted = machine_cost(model, config)
+    cal = fitted.meta["calibration"]
+    assert fitted.unit == "s" and [len(p["layers"]) for p in cal["points"]] == [3, 1, 1]  # 6 blocks: 1/2, 1/4
+    assert all(p["measured_s"] > 0 for p in cal["points"]) and math.isfinite(cal["max_relative_error"])
+    assert fitted.meta["batch_size"] == 2 and fitted.meta["seq_len"] == 16
+    # timed at the plan's ranks (MLP 64): the same measurements refit the uncounted model the same way
+    refit = calibrate(planned_cost(model, config), [(p["layers"], p["measured_s"]) for p in cal["points"]])
+    assert refit.meta["calibration"]["scale"] != cal["scale"]  # planned_cost counts 4 x 1024, not 2 x 16
+    assert not _changed(model, before) and [p.requires_grad for p in model.parameters()] == flags
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+    peft_model, plan = prepare_model(model, token_rows(4), config)
+    assert plan.calibration is not None and len(plan.calibration["points"]) == 3
+    assert plan.predicted_speedup != pytest.approx(planned_cost(model, config).speedup(plan.selected_layers))
+    assert AletheiaPlan.from_json(plan.to_json()).calibration == plan.calibration
+    assert _lora_layers(peft_model) == set(plan.selected_layers)
+
+
 def test_default_ranks_are_asymmetric_and_old_plans_stay_uniform():
     model = tiny_model("llama", num_layers=4)
     peft_model, plan = prepare_model(model, token_rows(4), probe_batches=2)

@@ -325,9 +325,12 @@ def _remove_new_hooks(model: nn.Module, before: dict[int, tuple[set, set]]) -> N
 
 @contextlib.contextmanager
 def arm_model(
-    model: nn.Module, row: Row, *, r: int, seed: int
+    model: nn.Module, row: Row, *, r: int, seed: int, lora_kwargs: dict[str, Any] | None = None
 ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
     """``model`` wrapped for ``row`` (LoRA, checkpointing, truncation) with an AdamW optimizer.
+
+    LoRA is rank ``r`` (alpha ``2 r``) on every adaptable weight, or ``apply_aletheia_lora``'s
+    ``lora_kwargs`` (per-role ranks, targets) when given.
 
     On exit the base model is restored exactly: LoRA unloaded, checkpointing off, every hook
     added on the way removed, ``requires_grad`` flags as before.
@@ -340,7 +343,7 @@ def arm_model(
 
     hooks = _hooks(model)
     requires_grad = [p.requires_grad for p in model.parameters()]
-    lora_config = apply_aletheia_lora(model, row.layers, r=r, lora_alpha=2 * r)
+    lora_config = apply_aletheia_lora(model, row.layers, **(lora_kwargs or {"r": r, "lora_alpha": 2 * r}))
     with torch.random.fork_rng(devices=[]):  # the LoRA init is a function of the seed
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, lora_config)
@@ -442,7 +445,9 @@ def _probe(model, rows: list[Any], args: BenchArguments, device: torch.device) -
     return scores, time.perf_counter() - start, warm
 
 
-def _calibrated(model, cost, args: BenchArguments, input_ids: torch.Tensor, log) -> tuple[Any, list[Row]]:
+def _calibrated(
+    model, cost, args: BenchArguments, input_ids: torch.Tensor, log, lora_kwargs: dict[str, Any] | None = None
+) -> tuple[Any, list[Row]]:
     """``cost`` fitted to the timed CALIBRATION selections (same warm-up, rounds and steps as the arms)."""
     from .costmodel import calibrate, named_selection
 
@@ -452,7 +457,7 @@ def _calibrated(model, cost, args: BenchArguments, input_ids: torch.Tensor, log)
         for gc in CHECKPOINTING[args.gradient_checkpointing]
         for name in CALIBRATION
     ]
-    _time_rows(model, rows, args, input_ids, log)
+    _time_rows(model, rows, args, input_ids, log, lora_kwargs)
     fitted = calibrate(cost, [(row.layers, row.median_seconds, row.gradient_checkpointing) for row in rows])
     log(f"cost model calibrated on {len(rows)} timed selections; largest fit error "
         f"{fitted.meta['calibration']['max_relative_error']:.1%}")  # fmt: skip
@@ -494,12 +499,47 @@ def _rows(model, scores, args: BenchArguments, num_layers: int, cost) -> list[Ro
     return rows
 
 
-def _time_rows(model, rows: list[Row], args: BenchArguments, input_ids: torch.Tensor, log) -> None:
+def calibrated_cost_model(
+    model: nn.Module,
+    cost: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    lora_kwargs: dict[str, Any] | None = None,
+    steps: int = 2,
+    warmup: int = 1,
+    rounds: int = 1,
+    seed: int = 0,
+    log: Callable[[str], Any] | None = None,
+) -> Any:
+    """``cost`` fitted to this machine: the CALIBRATION selections trained for a few steps each
+    (random tokens, ``batch_size`` x ``seq_len``, where the model is, with ``lora_kwargs``'s
+    ranks), as ``bench --calibrate`` does. ``cost`` should be counted at the same shape. The
+    model is restored exactly afterwards, train/eval mode included."""
+    args = BenchArguments(batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, rounds=rounds,
+                          seed=seed, gradient_checkpointing="off")  # fmt: skip
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed + 2)
+    vocab = model.get_input_embeddings().num_embeddings
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
+    training = model.training
+    try:
+        return _calibrated(model, cost, args, input_ids, log or (lambda *a: None), lora_kwargs)[0]
+    finally:
+        model.train(training)
+
+
+def _time_rows(
+    model, rows: list[Row], args: BenchArguments, input_ids: torch.Tensor, log, lora_kwargs=None
+) -> None:
     device = input_ids.device
     for rnd in range(args.rounds):
         shift = rnd % len(rows)
         for row in rows[shift:] + rows[:shift]:
-            with arm_model(model, row, r=args.r, seed=args.seed) as (peft_model, optimizer):
+            with arm_model(model, row, r=args.r, seed=args.seed, lora_kwargs=lora_kwargs) as (
+                peft_model,
+                optimizer,
+            ):
                 for _ in range(args.warmup if rnd == 0 else 0):
                     train_step(peft_model, optimizer, input_ids)
                 if device.type == "cuda":

@@ -192,7 +192,7 @@ def demo(argv: list[str]) -> int:
 
 
 def _print_summary(result: dict) -> None:
-    from .report import terminal_bar_chart
+    from .report import cost_model_note, terminal_bar_chart
 
     plan = result["plan_object"]
     print()
@@ -201,7 +201,7 @@ def _print_summary(result: dict) -> None:
     print(
         f"trainable parameters: {plan.trainable_params:,} "
         f"({plan.trainable_fraction:.0%} of all-layer LoRA's {plan.all_layer_trainable_params:,}); "
-        f"predicted step speedup {plan.predicted_speedup:.2f}x (cost model fitted on an H200)"
+        f"predicted step speedup {plan.predicted_speedup:.2f}x ({cost_model_note(plan.calibration)})"
     )
     if result.get("train_seconds_per_step"):
         print(f"probe {plan.probe_seconds:.1f} s; training {result['train_seconds_per_step']:.2f} s/step "

@@ -377,9 +377,21 @@ def train_job(
         saved = json.loads(plan_path.read_text())
         old = AletheiaPlan.from_dict(saved["plan"])
         peft_model, plan = wrap_with_plan(model, old.scores, old.selected_layers, old.config)
-        plan.probe_seconds = old.probe_seconds
+        plan.probe_seconds, plan.predicted_speedup, plan.calibration = (
+            old.probe_seconds,
+            old.predicted_speedup,
+            old.calibration,
+        )
         say(f"resuming from {resume} with the saved selection {plan.selected_layers}")
     else:
+        if config.calibrate_cost:  # time calibration steps at the training shape
+            config = dataclasses.replace(
+                config,
+                calibrate_batch_size=config.calibrate_batch_size or training_args.per_device_train_batch_size,
+                calibrate_seq_len=config.calibrate_seq_len or data_args.max_length,
+            )
+            say(f"calibrating the cost model: 3 selections x a few steps of {config.calibrate_batch_size} x "
+                f"{config.calibrate_seq_len} tokens ...")  # fmt: skip
         peft_model, plan = prepare_model(
             model, train_tok, config, tokenizer=tokenizer, progress=not run.quiet and main_process
         )
@@ -490,6 +502,7 @@ def train_job(
                 "trainable_params": plan.trainable_params,
                 "all_layer_trainable_params": plan.all_layer_trainable_params,
                 "predicted_speedup": plan.predicted_speedup,
+                "calibration": plan.calibration,
                 "train_seconds_per_step": record["train_seconds_per_step"],
                 "steps": trainer.state.global_step,
                 "final_train_loss": record["final_train_loss"],

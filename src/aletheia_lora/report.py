@@ -297,6 +297,13 @@ def _params_text(n: Any, total: Any) -> str:
     return text
 
 
+def cost_model_note(calibration: Mapping[str, Any] | None) -> str:
+    """Where a predicted speedup comes from, for the reports."""
+    if calibration and _is_number(calibration.get("max_relative_error")):
+        return f"cost model calibrated on this machine, largest fit error {calibration['max_relative_error']:.0%}"
+    return "cost model fitted on an H200"
+
+
 def _summary_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for key, label in (("model", "model"), ("data", "data")):
@@ -323,7 +330,7 @@ def _summary_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (
                 "predicted step speedup vs all-layer LoRA",
-                f"{info['predicted_speedup']:.2f}x (cost model fitted on an H200)",
+                f"{info['predicted_speedup']:.2f}x ({cost_model_note(info.get('calibration'))})",
             )
         )
     probe = info.get("probe") if isinstance(info.get("probe"), Mapping) else {}

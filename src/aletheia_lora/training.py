@@ -106,6 +106,24 @@ class AletheiaConfig:
         default=True,
         metadata={"help": "Never back-propagate below the lowest adapted layer (same results, less work)."},
     )
+    calibrate_cost: bool = field(
+        default=False,
+        metadata={
+            "help": "Before selecting, train three reference selections for a few steps on this machine "
+            "and fit the cost model to them (as `bench --calibrate`), so depth-aware, target_speedup and "
+            "the predicted speedup use this machine's costs instead of the H200's. About 10 short steps."
+        },
+    )
+    calibrate_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences per calibration step (default: the training batch size in `train`, else 4)."
+        },
+    )
+    calibrate_seq_len: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per calibration sequence (default: --max_length in `train`, else 256)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the probe's example order."})
 
     def __post_init__(self) -> None:
@@ -116,7 +134,7 @@ class AletheiaConfig:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
         if not self.mlp_rank_factor > 0:
             raise ValueError(f"mlp_rank_factor={self.mlp_rank_factor}; it must be > 0 (1 = uniform ranks).")
-        for name in ("attention_r", "mlp_r", "top_k"):
+        for name in ("attention_r", "mlp_r", "top_k", "calibrate_batch_size", "calibrate_seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}; it must be >= 1 (or unset).")
@@ -153,6 +171,7 @@ class AletheiaPlan:
     trainable_params: int
     all_layer_trainable_params: int
     predicted_speedup: float | None = None  # step time of all-layer LoRA / this plan's (cost model)
+    calibration: dict[str, Any] | None = None  # the cost model's fit on this machine (calibrate_cost)
 
     @property
     def trainable_fraction(self) -> float:
@@ -169,6 +188,7 @@ class AletheiaPlan:
             "trainable_params": self.trainable_params,
             "all_layer_trainable_params": self.all_layer_trainable_params,
             "predicted_speedup": self.predicted_speedup,
+            "calibration": self.calibration,
             "config": self.config.to_dict(),
             "lora_config": json.loads(json.dumps(lora, default=str)),
             "scores": self.scores.to_dict(),
@@ -193,6 +213,7 @@ class AletheiaPlan:
             trainable_params=data["trainable_params"],
             all_layer_trainable_params=data["all_layer_trainable_params"],
             predicted_speedup=data.get("predicted_speedup"),
+            calibration=data.get("calibration"),
         )
 
     @classmethod
@@ -253,10 +274,11 @@ def prepare_model(
         raise TypeError(f"unknown AletheiaConfig fields {unknown}; see AletheiaConfig for the settings.")
     config = dataclasses.replace(config, **overrides)
     refuse_peft_model(model)
+    cost = machine_cost(model, config) if config.calibrate_cost else None
     scores, selected, probe_seconds = probe_and_select(
-        model, dataset, config, tokenizer=tokenizer, progress=progress
+        model, dataset, config, tokenizer=tokenizer, progress=progress, cost=cost
     )
-    return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds)
+    return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds, cost=cost)
 
 
 def planned_cost(model: nn.Module, config: AletheiaConfig) -> CostModel:
@@ -271,10 +293,54 @@ def planned_cost(model: nn.Module, config: AletheiaConfig) -> CostModel:
     )
 
 
+def machine_cost(model: nn.Module, config: AletheiaConfig, *, log=None) -> CostModel:
+    """:func:`planned_cost` fitted to step times measured on this machine (``calibrate_cost``):
+    every_other, bottom_quarter and top_quarter trained a few steps each at ``config``'s ranks,
+    ``calibrate_batch_size`` x ``calibrate_seq_len`` random tokens (default 4 x 256)."""
+    from .bench import calibrated_cost_model
+
+    batch_size, seq_len = config.calibrate_batch_size or 4, config.calibrate_seq_len or 256
+    cost = cost_model(
+        model,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        r=config.r,
+        attention_r=config.attention_r,
+        mlp_r=config.effective_mlp_r,
+        target_modules=config.target_modules,
+        layers_path=config.layers_path,
+    )
+    return calibrated_cost_model(
+        model, cost, batch_size=batch_size, seq_len=seq_len, lora_kwargs=_lora_kwargs(config), seed=config.seed,
+        log=log,
+    )  # fmt: skip
+
+
+def _lora_kwargs(config: AletheiaConfig) -> dict[str, Any]:
+    return dict(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        attention_r=config.attention_r,
+        mlp_r=config.effective_mlp_r,
+        attention_alpha=config.attention_alpha,
+        mlp_alpha=config.mlp_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        layers_path=config.layers_path,
+    )
+
+
 def probe_and_select(
-    model: nn.Module, dataset: Any, config: AletheiaConfig, *, tokenizer: Any = None, progress: bool = False
+    model: nn.Module,
+    dataset: Any,
+    config: AletheiaConfig,
+    *,
+    tokenizer: Any = None,
+    progress: bool = False,
+    cost: CostModel | None = None,
 ) -> tuple[LayerScores, list[int], float]:
-    """The probe and the selection ``config`` asks for: ``(scores, selected_layers, probe_seconds)``."""
+    """The probe and the selection ``config`` asks for: ``(scores, selected_layers, probe_seconds)``.
+    ``cost``: the cost model depth-aware uses (default :func:`planned_cost`)."""
     start = time.perf_counter()
     scores = gradient_probe(
         model,
@@ -290,7 +356,8 @@ def probe_and_select(
         progress=progress,
     )
     probe_seconds = time.perf_counter() - start
-    cost = planned_cost(model, config) if config.strategy == "depth-aware" else None
+    if cost is None and config.strategy == "depth-aware":
+        cost = planned_cost(model, config)
     selected = select_layers(
         scores,
         config.top_pct,
@@ -311,20 +378,12 @@ def wrap_with_plan(
     *,
     probe_seconds: float = 0.0,
     arch: Architecture | None = None,
+    cost: CostModel | None = None,
 ) -> tuple[nn.Module, AletheiaPlan]:
-    """LoRA on ``selected`` layers of ``model`` (no probe); used by prepare_model and resume."""
+    """LoRA on ``selected`` layers of ``model`` (no probe); used by prepare_model and resume.
+    ``cost`` predicts the speedup (default :func:`planned_cost`; a calibrated one is recorded)."""
     arch = arch or find_blocks(model, config.layers_path)
-    lora_kwargs = dict(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        attention_r=config.attention_r,
-        mlp_r=config.effective_mlp_r,
-        attention_alpha=config.attention_alpha,
-        mlp_alpha=config.mlp_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        layers_path=config.layers_path,
-    )
+    lora_kwargs = _lora_kwargs(config)
     lora_config = apply_aletheia_lora(model, selected, **lora_kwargs)
     everything = apply_aletheia_lora(model, list(range(arch.num_layers)), **lora_kwargs)
     plan = AletheiaPlan(
@@ -336,7 +395,8 @@ def wrap_with_plan(
         probe_seconds=probe_seconds,
         trainable_params=lora_param_count(model, lora_config, arch),
         all_layer_trainable_params=lora_param_count(model, everything, arch),
-        predicted_speedup=planned_cost(model, config).speedup(selected),
+        predicted_speedup=(cost or planned_cost(model, config)).speedup(selected),
+        calibration=cost.meta.get("calibration") if cost is not None else None,
     )
     with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: make them a function of the seed
         torch.manual_seed(config.seed)
