@@ -213,7 +213,7 @@ def test_train_calibrates_the_cost_model_at_the_training_shape_and_resume_keeps_
         p["measured_s"] > 0 for p in plan["calibration"]["points"]
     )
     assert "calibrating the cost model: 3 selections x a few steps of 2 x 32 tokens" in printed
-    note = "(cost model calibrated on this machine, largest fit error"
+    note = "(cost model calibrated on this machine on 3 timed selections)"
     assert f"predicted step speedup {plan['predicted_speedup']:.2f}x {note}" in printed
     assert note in (out / "report.md").read_text()
 

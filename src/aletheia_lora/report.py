@@ -299,8 +299,14 @@ def _params_text(n: Any, total: Any) -> str:
 
 def cost_model_note(calibration: Mapping[str, Any] | None) -> str:
     """Where a predicted speedup comes from, for the reports."""
-    if calibration and _is_number(calibration.get("max_relative_error")):
-        return f"cost model calibrated on this machine, largest fit error {calibration['max_relative_error']:.0%}"
+    if calibration and calibration.get("points"):
+        n = len(calibration["points"])
+        note = f"cost model calibrated on this machine on {n} timed selections"
+        if n > 3 and _is_number(
+            calibration.get("max_relative_error")
+        ):  # three points fit three scales exactly
+            note += f", largest fit error {calibration['max_relative_error']:.0%}"
+        return note
     return "cost model fitted on an H200"
 
 
