@@ -281,26 +281,11 @@ def prepare_model(
     return wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds, cost=cost)
 
 
-def planned_cost(model: nn.Module, config: AletheiaConfig) -> CostModel:
-    """The step-cost model at the ranks and targets ``config`` will train."""
+def planned_cost(
+    model: nn.Module, config: AletheiaConfig, *, batch_size: int = 4, seq_len: int = 1024
+) -> CostModel:
+    """The step-cost model at the ranks and targets ``config`` will train (FLOPs, H200 factors)."""
     return cost_model(
-        model,
-        r=config.r,
-        attention_r=config.attention_r,
-        mlp_r=config.effective_mlp_r,
-        target_modules=config.target_modules,
-        layers_path=config.layers_path,
-    )
-
-
-def machine_cost(model: nn.Module, config: AletheiaConfig, *, log=None) -> CostModel:
-    """:func:`planned_cost` fitted to step times measured on this machine (``calibrate_cost``):
-    every_other, bottom_quarter and top_quarter trained a few steps each at ``config``'s ranks,
-    ``calibrate_batch_size`` x ``calibrate_seq_len`` random tokens (default 4 x 256)."""
-    from .bench import calibrated_cost_model
-
-    batch_size, seq_len = config.calibrate_batch_size or 4, config.calibrate_seq_len or 256
-    cost = cost_model(
         model,
         batch_size=batch_size,
         seq_len=seq_len,
@@ -310,10 +295,24 @@ def machine_cost(model: nn.Module, config: AletheiaConfig, *, log=None) -> CostM
         target_modules=config.target_modules,
         layers_path=config.layers_path,
     )
+
+
+def machine_cost(model: nn.Module, config: AletheiaConfig) -> CostModel:
+    """:func:`planned_cost` fitted to step times measured on this machine (``calibrate_cost``):
+    every_other, bottom_quarter and top_quarter trained a few steps each at ``config``'s ranks,
+    ``calibrate_batch_size`` x ``calibrate_seq_len`` random tokens (default 4 x 256)."""
+    from .bench import calibrated_cost_model
+
+    batch_size, seq_len = config.calibrate_batch_size or 4, config.calibrate_seq_len or 256
+    cost = planned_cost(model, config, batch_size=batch_size, seq_len=seq_len)
     return calibrated_cost_model(
-        model, cost, batch_size=batch_size, seq_len=seq_len, lora_kwargs=_lora_kwargs(config), seed=config.seed,
-        log=log,
-    )  # fmt: skip
+        model,
+        cost,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lora_kwargs=_lora_kwargs(config),
+        seed=config.seed,
+    )
 
 
 def _lora_kwargs(config: AletheiaConfig) -> dict[str, Any]:
