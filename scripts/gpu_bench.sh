@@ -10,7 +10,8 @@
 # selection the cost model predicts at 1.45x measure 1.45x? (Random weights give the probe no task
 # signal, so the plain depth-aware arm may start at block 0 there.) And one run at LoRA r=64
 # (lora-all and last, no checkpointing): how LoRA's cost grows with the rank, which the cost
-# model assumes to follow the FLOPs (the default MLP rank is 64). About 5 minutes on one H200;
+# model assumes to follow the FLOPs (the default MLP rank is 64). About 5 minutes on one H200
+# (an estimate from DESIGN.md's step times; not yet run there);
 # each run writes OUT_DIR/<preset>[-target|-r64]/bench.{json,md,png}.
 #
 # Environment overrides (defaults in brackets):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from aletheia_lora.bench import BenchArguments, build_model
+from aletheia_lora.bench import BenchArguments, _probe_rows, build_model
 from aletheia_lora.costmodel import cost_model
 from aletheia_lora.io import atomic_write_text
 from aletheia_lora.pipeline import check_output_dir, versions
@@ -30,15 +30,14 @@ from aletheia_lora.selection import select_layers
 
 
 def preview(args: argparse.Namespace) -> dict:
-    bench_args = BenchArguments(random_init=args.random_init, num_layers=args.num_layers, seed=args.seed)
+    # the bench's own model and probe rows, at a short length and one row per batch
+    bench_args = BenchArguments(random_init=args.random_init, num_layers=args.num_layers, seed=args.seed,
+                                seq_len=args.probe_tokens, probe_batches=args.probe_batches, probe_batch_size=1)  # fmt: skip
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     start = time.perf_counter()
     model, info, _ = build_model(bench_args, torch.device("cpu"), dtype)
     built = time.perf_counter() - start
-    g = torch.Generator().manual_seed(args.seed + 1)
-    vocab = model.get_input_embeddings().num_embeddings
-    rows = [{"input_ids": torch.randint(0, vocab, (args.probe_tokens,), generator=g).tolist()}
-            for _ in range(args.probe_batches)]  # fmt: skip
+    rows = _probe_rows(bench_args, None, model.get_input_embeddings().num_embeddings)
     start = time.perf_counter()
     scores = gradient_probe(model, rows, probe_batches=args.probe_batches, batch_size=1)
     probed = time.perf_counter() - start

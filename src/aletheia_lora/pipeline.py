@@ -377,11 +377,8 @@ def train_job(
         saved = json.loads(plan_path.read_text())
         old = AletheiaPlan.from_dict(saved["plan"])
         peft_model, plan = wrap_with_plan(model, old.scores, old.selected_layers, old.config)
-        plan.probe_seconds, plan.predicted_speedup, plan.calibration = (
-            old.probe_seconds,
-            old.predicted_speedup,
-            old.calibration,
-        )
+        plan.probe_seconds = old.probe_seconds
+        plan.predicted_speedup, plan.calibration = old.predicted_speedup, old.calibration  # not re-timed
         say(f"resuming from {resume} with the saved selection {plan.selected_layers}")
     else:
         if config.calibrate_cost:  # time calibration steps at the training shape
