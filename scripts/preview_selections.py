@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from aletheia_lora.bench import BenchArguments, _probe_rows, build_model
+from aletheia_lora import gradient_probe, select_layers
+from aletheia_lora.bench import BenchArguments, build_model, probe_rows
 from aletheia_lora.costmodel import cost_model
 from aletheia_lora.io import atomic_write_text
-from aletheia_lora.pipeline import check_output_dir, versions
-from aletheia_lora.probe import gradient_probe
-from aletheia_lora.selection import select_layers
+from aletheia_lora.runs import check_output_dir, versions
 
 
 def preview(args: argparse.Namespace) -> dict:
@@ -37,7 +36,7 @@ def preview(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model, info, _ = build_model(bench_args, torch.device("cpu"), dtype)
     built = time.perf_counter() - start
-    rows = _probe_rows(bench_args, None, model.get_input_embeddings().num_embeddings)
+    rows = probe_rows(bench_args, None, model.get_input_embeddings().num_embeddings)
     start = time.perf_counter()
     scores = gradient_probe(model, rows, probe_batches=args.probe_batches, batch_size=1)
     probed = time.perf_counter() - start

@@ -25,7 +25,7 @@ from aletheia_lora.batches import probe_batches
 from aletheia_lora.data import load_data, tokenize_dataset
 from aletheia_lora.io import atomic_write_text
 from aletheia_lora.models import load_model
-from aletheia_lora.pipeline import check_output_dir, versions
+from aletheia_lora.runs import check_output_dir, versions
 
 
 def plain_steps(model, batches) -> None:

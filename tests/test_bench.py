@@ -15,10 +15,11 @@ import transformers as T
 from conftest import tiny_model
 
 from aletheia_lora.architecture import find_blocks
-from aletheia_lora.bench import ARMS, BASELINE, BenchArguments, Row, arm_model, run_bench, train_step
+from aletheia_lora.bench import ARMS, BASELINE, BenchArguments, run_bench
 from aletheia_lora.cli import main
 from aletheia_lora.presets import PRESETS, preset_config, preset_names
 from aletheia_lora.selection import budget
+from aletheia_lora.timing import CALIBRATION, TimedArm, arm_model, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -116,7 +117,6 @@ def test_bench_with_one_arm_keeps_the_baseline(tmp_path):
 
 
 def test_calibrate_fits_the_cost_model_to_other_timed_selections(tmp_path):
-    from aletheia_lora.bench import CALIBRATION
     from aletheia_lora.costmodel import CostModel
 
     result = run_bench(**TINY, arms=["last"], gradient_checkpointing="off", calibrate=True,
@@ -146,14 +146,14 @@ def test_arm_restores_the_base_model_exactly():
     names = [n for n, _ in model.named_parameters()]
     flags = [p.requires_grad for p in model.parameters()]
     for arm, layers in ((BASELINE, [0, 1, 2, 3]), ("last", [2, 3])):
-        row = Row(arm, True, layers, 1.0)
-        with arm_model(model, row, r=4, seed=0) as (peft_model, optimizer):
+        row = TimedArm(arm, True, layers, 1.0, truncate=arm != BASELINE)
+        with arm_model(model, row, lora_kwargs={"r": 4, "lora_alpha": 8}, seed=0) as (peft_model, optimizer):
             blocks = find_blocks(model).blocks
             assert any(b.gradient_checkpointing for b in blocks)
             if arm != BASELINE:  # blocks below the lowest adapted one run without autograd
                 assert row.lowest_trained_layer == 2
                 assert blocks[0]._forward_pre_hooks and not blocks[2]._forward_pre_hooks
-            assert train_step(peft_model, optimizer, ids) > 0
+            assert optimizer_step(peft_model, optimizer, {"input_ids": ids, "labels": ids})[1] > 0
         assert [n for n, _ in model.named_parameters()] == names  # LoRA unloaded
         assert [p.requires_grad for p in model.parameters()] == flags
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

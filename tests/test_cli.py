@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from aletheia_lora.cli import main
-from aletheia_lora.pipeline import load_plan
 from aletheia_lora.scores import LayerScores
 from aletheia_lora.selection import select_layers
+from aletheia_lora.train import load_plan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")

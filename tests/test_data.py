@@ -411,21 +411,21 @@ def test_asking_a_single_file_for_a_test_split_reads_nothing(tmp_path):
 
 
 def test_training_rows_come_from_the_head_of_a_huge_single_file(tmp_path):
-    from aletheia_lora.pipeline import DataArguments, _load_rows
+    from aletheia_lora.data import load_rows
+    from aletheia_lora.settings import DataSettings
 
     path = tmp_path / "d.jsonl"
     _good_then_bad(path, ".jsonl")
-    train, held_out = _load_rows(
-        DataArguments(data=str(path), max_train_samples=10, eval_fraction=0.2), seed=0
-    )
+    train, held_out = load_rows(DataSettings(data=str(path), max_train_samples=10, eval_fraction=0.2), seed=0)
     assert len(train) == 10 and held_out and all(r in GOOD for r in train + held_out)
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
 
 
 def test_a_broken_test_split_is_reported_not_replaced_by_held_out_rows(tmp_path):
-    from aletheia_lora.pipeline import DataArguments, _load_rows
+    from aletheia_lora.data import load_rows
+    from aletheia_lora.settings import DataSettings
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD))
     (tmp_path / "test.jsonl").write_bytes(BAD_TAIL)
     with pytest.raises(ValueError, match=r"test\.jsonl, line 1: invalid JSON"):
-        _load_rows(DataArguments(data=str(tmp_path)), seed=0)
+        load_rows(DataSettings(data=str(tmp_path)), seed=0)

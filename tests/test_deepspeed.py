@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import qa_rows, tiny_model, word_tokenizer, write_jsonl
-from test_distributed import _both_ranks_succeed, _env, _free_port
+from ranks import TESTS, both_ranks_succeed, clean_exit_argv, free_port, rank_env
 
-TESTS = Path(__file__).resolve().parent
 EXAMPLES = TESTS.parent / "examples" / "accelerate"
 TIMEOUT = 300  # the first DeepSpeed run compiles its shm comm op
 CONFIGS = {
@@ -76,8 +75,8 @@ import torch.distributed as dist
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from conftest import tiny_model, token_rows
+from aletheia_lora import gradient_probe
 from aletheia_lora.batches import probe_batches
-from aletheia_lora.probe import gradient_probe
 
 torch.set_num_threads(1)
 model, rows = tiny_model("llama"), token_rows(8)
@@ -167,9 +166,9 @@ def zero3_ranks(tmp_path_factory) -> list[dict]:
     assert importlib.util.find_spec("deepspeed"), (
         "the dev extra installs deepspeed (aletheia-lora[deepspeed])"
     )
-    with pytest.MonkeyPatch.context() as mp:  # _run_two_ranks passes os.environ on to the ranks
-        mp.setenv("DS_ACCELERATOR", "cpu")
-        return _both_ranks_succeed(ZERO3_SCRIPT, tmp_path_factory.mktemp("zero3"))
+    return both_ranks_succeed(
+        ZERO3_SCRIPT, tmp_path_factory.mktemp("zero3"), env={"DS_ACCELERATOR": "cpu"}, timeout=TIMEOUT
+    )
 
 
 def test_zero3_probe_on_a_partitioned_model_matches_a_single_process_probe(zero3_ranks):
@@ -253,14 +252,6 @@ except Exception as err:
     out["late_probe_error"] = f"{{type(err).__name__}}: {{err}}"
 with open(os.path.join({out!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
     json.dump(out, f)
-dist.barrier()
-dist.destroy_process_group()
-# Everything is written. DeepSpeed on CPU (gloo, its shm op) sometimes aborts in C++ static
-# destructors at interpreter exit ("terminate called without an active exception"), after the
-# work is done; leave without running them.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
 """
 
 
@@ -282,9 +273,9 @@ def trainer_ranks(request, tmp_path_factory) -> list[dict]:
     script.write_text(TRAINER_SCRIPT.format(tests=str(TESTS), out=str(root)))
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(_cpu_config(request.param, root / "config.yaml")),
-           "--main_process_port", str(_free_port()), str(script)]  # fmt: skip
+           "--main_process_port", str(free_port()), *clean_exit_argv(script)]  # fmt: skip
     proc = subprocess.run(
-        cmd, env=_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=TIMEOUT
+        cmd, env=rank_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=TIMEOUT
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
@@ -329,13 +320,13 @@ def test_cli_train_under_a_zero3_launch(tmp_path):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(_cpu_config("deepspeed_zero3.yaml", tmp_path / "c.yaml")),
-           "--main_process_port", str(_free_port()), "-m", "aletheia_lora", "train",
+           "--main_process_port", str(free_port()), "-m", "aletheia_lora", "train",
            "--model", str(tmp_path / "model"), "--data", str(data), "--output_dir", str(out),
            "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "32",
            "--probe_batches", "2", "--eval_generate", "1", "--max_eval_samples", "2", "--save_steps", "100",
            "--use_cpu", "true", "--quiet", "true"]  # fmt: skip
     proc = subprocess.run(
-        cmd, env=_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=TIMEOUT
+        cmd, env=rank_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=TIMEOUT
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "aletheia.json").read_text())

@@ -2,14 +2,13 @@
 single-process probe, a rank without a probe batch does not hang, a rank that fails makes
 every rank fail, ``torchrun -m aletheia_lora train`` writes one adapter, a user script
 (``prepare_model`` + ``Trainer``) runs under ``accelerate launch``, and the one-pass probe works
-on an FSDP2-sharded LoRA model."""
+on FSDP2- and FSDP1-sharded LoRA models. Every rank script runs through ``tests/ranks.py``, which
+ends each rank cleanly (see there)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,9 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_model, word_tokenizer
-
-TESTS = Path(__file__).resolve().parent
-TIMEOUT = 180  # seconds; a hang fails the test instead of stalling the suite
+from ranks import TESTS, TIMEOUT, both_ranks_succeed, clean_exit_argv, free_port, rank_env, run_two_ranks
 
 # One launch, three scenarios, run by each of 2 ranks after a single-process reference.
 SCRIPT = """
@@ -28,8 +25,7 @@ sys.path.insert(0, {tests!r})
 import torch
 import torch.distributed as dist
 from conftest import tiny_model, token_rows
-from aletheia_lora.probe import gradient_probe
-from aletheia_lora.selection import select_layers
+from aletheia_lora import gradient_probe, select_layers
 
 torch.set_num_threads(1)
 rank = int(os.environ["RANK"])
@@ -68,64 +64,28 @@ def _qa_jsonl(path: Path, n: int) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **extra,
-    }
-
-
-def _run_two_ranks(script_text: str, root) -> dict:
-    """Run ``script_text`` as ranks 0 and 1 (gloo, env rendezvous); collect exit codes and rank files."""
-    script = root / "script.py"
-    script.write_text(script_text.format(tests=str(TESTS), out=str(root)))
-    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), **common),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            outputs.append({"rc": p.returncode, "stdout": out, "stderr": err})
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = [
-        json.loads((root / f"rank{r}.json").read_text()) if (root / f"rank{r}.json").is_file() else None
-        for r in range(2)
-    ]
-    return {"procs": outputs, "results": results}
-
-
-def _both_ranks_succeed(script_text: str, root) -> list[dict]:
-    """``_run_two_ranks``, asserting both ranks exit 0; returns their result files."""
-    run = _run_two_ranks(script_text, root)
-    for proc in run["procs"]:
-        assert proc["rc"] == 0, proc["stderr"][-4000:]
-    return run["results"]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    return _run_two_ranks(SCRIPT, tmp_path_factory.mktemp("dist"))
+    return run_two_ranks(SCRIPT, tmp_path_factory.mktemp("dist"))
+
+
+# A rank that would abort at interpreter exit, after its work: atexit's os.abort stands in for
+# the C++ static destructors that end gloo and DeepSpeed ranks with "terminate called without an
+# active exception" (rc -6). The launcher's clean ending never reaches interpreter exit.
+ABORT_AT_EXIT_SCRIPT = """
+import atexit, json, os
+import torch.distributed as dist
+dist.init_process_group("gloo")
+atexit.register(os.abort)
+with open(os.path.join({out!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
+    json.dump({{"rank": dist.get_rank(), "world_size": dist.get_world_size()}}, f)
+"""
+
+
+def test_the_launcher_ends_a_rank_cleanly_after_its_work_is_written(tmp_path):
+    assert both_ranks_succeed(ABORT_AT_EXIT_SCRIPT, tmp_path) == [
+        {"rank": r, "world_size": 2} for r in range(2)
+    ]
 
 
 def _rel_close(a: dict, b: dict) -> None:
@@ -162,12 +122,12 @@ def test_torchrun_train_writes_one_adapter(tmp_path):
     out = tmp_path / "run"
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "aletheia_lora", "train",
+           "--master_port", str(free_port()), "-m", "aletheia_lora", "train",
            "--model", str(tmp_path / "model"), "--data", str(data), "--output_dir", str(out),
            "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "32",
            "--probe_batches", "3", "--eval_generate", "1", "--max_eval_samples", "4",
            "--save_steps", "100", "--logging_steps", "1", "--use_cpu", "true", "--quiet", "true"]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in out.glob("adapter_model*")) == ["adapter_model.safetensors"]
@@ -186,7 +146,7 @@ sys.path.insert(0, {tests!r})
 import torch
 import torch.distributed as dist
 from conftest import tiny_model, token_rows
-from aletheia_lora.probe import gradient_probe
+from aletheia_lora import gradient_probe
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -206,9 +166,9 @@ def test_a_rank_killed_by_a_signal_ends_the_job_instead_of_hanging(tmp_path):
     script.write_text(KILLED_SCRIPT.format(tests=str(TESTS)))
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script)]  # fmt: skip
+           "--master_port", str(free_port()), *clean_exit_argv(script)]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
     assert time.perf_counter() - start < 120
     assert "finished the probe" not in proc.stdout
@@ -225,7 +185,7 @@ import transformers as T
 from conftest import tiny_model, token_rows
 from aletheia_lora import prepare_model
 from aletheia_lora.data import DataCollator
-from aletheia_lora.training import TruncatedBackwardCallback
+from aletheia_lora.truncation import TruncatedBackwardCallback
 
 torch.set_num_threads(1)
 args = T.TrainingArguments(
@@ -261,9 +221,9 @@ def test_accelerate_launch_user_script_with_prepare_model_and_trainer(tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script)]  # fmt: skip
+           "--main_process_port", str(free_port()), *clean_exit_argv(script)]  # fmt: skip
     proc = subprocess.run(
-        cmd, env=_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=TIMEOUT
+        cmd, env=rank_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=TIMEOUT
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
@@ -325,7 +285,7 @@ with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
 
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory) -> list[dict]:
-    return _both_ranks_succeed(FSDP_SCRIPT, tmp_path_factory.mktemp("fsdp"))
+    return both_ranks_succeed(FSDP_SCRIPT, tmp_path_factory.mktemp("fsdp"))
 
 
 def test_fsdp2_onepass_probe_on_a_sharded_lora_model_matches_the_unsharded_probe(fsdp_ranks):
@@ -365,8 +325,7 @@ from peft import get_peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-from aletheia_lora import gradient_probe
-from aletheia_lora.config import apply_aletheia_lora
+from aletheia_lora import apply_aletheia_lora, gradient_probe
 
 torch.set_num_threads(1)
 model, rows = tiny_model("llama"), token_rows(8)
@@ -419,7 +378,7 @@ with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
 
 @pytest.fixture(scope="module")
 def fsdp1_ranks(tmp_path_factory) -> list[dict]:
-    return _both_ranks_succeed(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"))
+    return both_ranks_succeed(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"))
 
 
 def test_fsdp1_auto_wrap_puts_each_decoder_layer_in_its_own_unit(fsdp1_ranks):

@@ -14,7 +14,7 @@ import torch
 import transformers as T
 from conftest import WORDS, qa_rows, tiny_model, write_jsonl
 
-from aletheia_lora import forgetting as F
+from aletheia_lora import suites as F
 from aletheia_lora.cli import main
 
 EXTRA = (

@@ -7,7 +7,7 @@ import math
 import torch
 from conftest import tiny_model, token_rows, word_tokenizer
 
-from aletheia_lora.batches import pad_rows
+from aletheia_lora.batches import collate
 from aletheia_lora.evaluation import exact_match, extract_answer, mean_loss
 
 
@@ -27,7 +27,7 @@ def test_mean_loss_is_the_token_weighted_mean_over_targets():
     total, count = 0.0, 0
     with torch.no_grad():
         for row in rows:
-            batch = pad_rows([row])
+            batch = collate([row])
             logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
             labels = batch["labels"][0, 1:]
             keep = labels != -100

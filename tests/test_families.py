@@ -10,7 +10,7 @@ from conftest import FAMILIES, tiny_model, token_rows
 from peft import get_peft_model
 
 from aletheia_lora import apply_aletheia_lora, find_blocks, gradient_probe, select_layers
-from aletheia_lora.batches import pad_rows
+from aletheia_lora.batches import collate
 
 BLOCK_PATHS = {
     "gpt2": "transformer.h",
@@ -73,7 +73,7 @@ def test_family_end_to_end(family):
     assert trainable and all("lora_" in n for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    batch = pad_rows(token_rows(2, seed=1)[:2])
+    batch = collate(token_rows(2, seed=1)[:2])
     peft_model.train()
     loss = peft_model(**batch).loss
     assert torch.isfinite(loss)

@@ -86,7 +86,7 @@ class _UnevenLM(torch.nn.Module):
 
 
 def test_blocks_of_different_widths_are_probed_costed_and_adapted():
-    from aletheia_lora.training import lora_param_count
+    from aletheia_lora.lora_config import lora_param_count
 
     model = _UnevenLM()
     scores = gradient_probe(model, token_rows(4), probe_batches=2)

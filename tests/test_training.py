@@ -199,7 +199,7 @@ def test_exact_match_prompts_the_model_as_training_did():
 
 def test_plan_predicts_the_speedup_of_its_selection():
     from aletheia_lora import predict_speedup
-    from aletheia_lora.training import planned_cost
+    from aletheia_lora.plan import planned_cost
 
     _, last = prepare_model(
         tiny_model("llama", num_layers=6), token_rows(4), probe_batches=2, strategy="last", mlp_rank_factor=1
@@ -223,7 +223,7 @@ def test_plan_predicts_the_speedup_of_its_selection():
 
 def test_calibrate_cost_fits_the_cost_model_on_this_machine_and_leaves_the_model_as_it_was():
     from aletheia_lora.costmodel import calibrate
-    from aletheia_lora.training import machine_cost, planned_cost
+    from aletheia_lora.plan import machine_cost, planned_cost
 
     model = tiny_model("llama", num_layers=6)
     before = _snapshot(model)

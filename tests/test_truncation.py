@@ -11,9 +11,9 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from aletheia_lora import apply_aletheia_lora
-from aletheia_lora.batches import pad_rows
+from aletheia_lora.batches import collate
 from aletheia_lora.data import DataCollator
-from aletheia_lora.training import TruncatedBackwardCallback, truncate_backward
+from aletheia_lora.truncation import TruncatedBackwardCallback, truncate_backward
 
 SELECTED = [2, 4]  # lowest adapted layer: 2 of 6
 
@@ -45,7 +45,7 @@ def _peft(model, *, checkpointing: bool, reentrant: bool = False):
 
 
 def _lora_grads(peft_model) -> dict[str, torch.Tensor]:
-    batch = pad_rows(token_rows(2))
+    batch = collate(token_rows(2))
     peft_model(**batch).loss.backward()
     return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
@@ -99,7 +99,7 @@ def test_grad_mode_is_restored_when_a_block_raises():
 
     block.self_attn.register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
-        model(**pad_rows(token_rows(1)))
+        model(**collate(token_rows(1)))
     assert torch.is_grad_enabled()
 
 
@@ -133,7 +133,7 @@ def test_trainer_with_checkpointing_stays_truncated(tmp_path):
 
 
 def test_restore_backward_removes_the_guards():
-    from aletheia_lora.training import restore_backward
+    from aletheia_lora.truncation import restore_backward
 
     model = _peft(tiny_model("llama", num_layers=6), checkpointing=False)
     truncate_backward(model)
@@ -148,7 +148,7 @@ def test_restore_backward_removes_the_guards():
 
 
 def test_non_finite_gradient_stops_before_the_weights_change(tmp_path):
-    from aletheia_lora.training import NonFiniteGuard
+    from aletheia_lora.callbacks import NonFiniteGuard
 
     base = tiny_model("llama", num_layers=6)
     model = get_peft_model(base, apply_aletheia_lora(base, SELECTED, r=4))
@@ -184,7 +184,7 @@ def test_non_finite_gradient_stops_before_the_weights_change(tmp_path):
 
 
 def test_non_finite_gradient_step_is_skipped_when_asked(tmp_path):
-    from aletheia_lora.training import NonFiniteGuard
+    from aletheia_lora.callbacks import NonFiniteGuard
 
     base = tiny_model("llama", num_layers=6)
     model = get_peft_model(base, apply_aletheia_lora(base, SELECTED, r=4))

@@ -14,7 +14,7 @@ from conftest import tiny_model, word_tokenizer
 from safetensors.torch import load_file
 
 import aletheia_lora
-from aletheia_lora import bench, cli, forgetting, models, pipeline
+from aletheia_lora import bench, eval, models, settings, study
 from aletheia_lora.cli import main
 
 SRC = Path(aletheia_lora.__file__).parent
@@ -29,16 +29,21 @@ PICKLE_MAGIC = b"\x80"  # protocol 2+ pickles (and torch.save zip files start wi
 def test_trust_remote_code_defaults_to_false_everywhere():
     holders = [
         cls
-        for module in (cli, pipeline)
+        for module in (settings, eval, bench, study)
         for _, cls in inspect.getmembers(module, dataclasses.is_dataclass)
         if "trust_remote_code" in {f.name for f in dataclasses.fields(cls)}
     ]
-    assert {c.__name__ for c in holders} >= {"ModelArguments", "EvalArguments"}
+    assert {c.__name__ for c in holders} >= {
+        "ModelSettings",
+        "EvalArguments",
+        "BenchArguments",
+        "StudyArguments",
+    }
     for cls in holders:
         field = next(f for f in dataclasses.fields(cls) if f.name == "trust_remote_code")
         assert field.default is False, cls
-    assert pipeline.ModelArguments().trust_remote_code is False
-    for fn in (models.load_model, forgetting.eval_job):
+    assert settings.ModelSettings().trust_remote_code is False
+    for fn in (models.load_model, eval.eval_job):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn
 
 
@@ -76,7 +81,7 @@ def test_the_library_never_unpickles():
 
 def test_eval_and_bench_records_are_written_as_json():
     # Static check for the writers too slow to run here: each .json record goes through json.dumps.
-    for module, name in ((forgetting, "eval.json"), (bench, "bench.json")):
+    for module, name in ((eval, "eval.json"), (bench, "bench.json")):
         source = inspect.getsource(module)
         writes = re.findall(rf'atomic_write_text\(out / "{re.escape(name)}", (\w+(?:\.\w+)?)\(', source)
         assert writes == ["json.dumps"], (module.__name__, writes)

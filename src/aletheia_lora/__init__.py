@@ -22,15 +22,15 @@ _EXPORTS = {
     "Target": "architecture",
     "block_targets": "architecture",
     "find_blocks": "architecture",
-    "aletheia_lora_config": "config",
-    "apply_aletheia_lora": "config",
+    "aletheia_lora_config": "lora_config",
+    "apply_aletheia_lora": "lora_config",
     "predict_speedup": "costmodel",
     "gradient_probe": "probe",
     "LayerScores": "scores",
     "select_layers": "selection",
-    "AletheiaConfig": "training",
-    "AletheiaPlan": "training",
-    "prepare_model": "training",
+    "AletheiaConfig": "settings",
+    "AletheiaPlan": "plan",
+    "prepare_model": "plan",
 }
 
 __all__ = [
@@ -64,9 +64,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .architecture import Architecture, Target, block_targets, find_blocks
-    from .config import aletheia_lora_config, apply_aletheia_lora
     from .costmodel import predict_speedup
+    from .lora_config import aletheia_lora_config, apply_aletheia_lora
+    from .plan import AletheiaPlan, prepare_model
     from .probe import gradient_probe
     from .scores import LayerScores
     from .selection import select_layers
-    from .training import AletheiaConfig, AletheiaPlan, prepare_model
+    from .settings import AletheiaConfig

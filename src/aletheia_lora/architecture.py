@@ -60,6 +60,10 @@ class Target:
     def is_module(self) -> bool:
         return self.kind in ("linear", "conv1d")
 
+    def matches(self, name: str) -> bool:
+        """Whether a ``target_modules`` entry names this weight: its path, or a dotted suffix of it."""
+        return self.name == name or self.name.endswith("." + name)
+
 
 @dataclass(frozen=True)
 class Architecture:

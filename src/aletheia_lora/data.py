@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -33,12 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .batches import IGNORE_INDEX, collate
 from .models import hub_unreachable, looks_like_path, offline_switch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+    from .settings import DataSettings
+
 FORMATS = ("text", "prompt_completion", "question_answer", "messages", "alpaca")
 _ALIASES = {
     "prompt+completion": "prompt_completion",
@@ -380,32 +383,6 @@ def tokenize_dataset(
 # --------------------------------------------------------------------------- collation
 
 
-def collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into ``torch.long`` tensors of shape (batch, longest).
-
-    ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0 and ``labels``
-    with -100. A missing ``attention_mask`` means all ones; missing ``labels`` means the
-    ``input_ids``. Other keys are dropped.
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    width = max(len(example["input_ids"]) for example in batch)
-    ids, masks, labels = [], [], []
-    for example in batch:
-        row = list(example["input_ids"])
-        pad = width - len(row)
-        mask = example.get("attention_mask")
-        lab = example.get("labels")
-        ids.append(row + [pad_token_id] * pad)
-        masks.append(list(mask if mask is not None else [1] * len(row)) + [0] * pad)
-        labels.append(list(lab if lab is not None else row) + [IGNORE_INDEX] * pad)
-    return {
-        "input_ids": torch.tensor(ids, dtype=torch.long),
-        "attention_mask": torch.tensor(masks, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-    }
-
-
 @dataclass
 class DataCollator:
     """``collate`` as a callable object, for ``transformers.Trainer(data_collator=...)``.
@@ -693,3 +670,46 @@ def train_eval_split(rows: Sequence[Any], eval_fraction: float = 0.05, seed: int
     train = [rows[i] for i in range(n) if i not in held_out]
     held = [rows[i] for i in range(n) if i in held_out]
     return train, held
+
+
+# --------------------------------------------------------------------------- a command's data
+
+
+def load_rows(data: DataSettings, seed: int) -> tuple[list[dict], list[dict]]:
+    """Training and held-out rows, reading no more of the data than the sample limits need."""
+    try:
+        held_out = load_data(data.data, split="test", max_rows=data.max_eval_samples)
+        train = load_data(data.data, split="train", max_rows=data.max_train_samples)
+    except MissingSplitError:  # a single set of rows: hold some out (from a large enough head of it)
+        cap = None
+        if data.max_train_samples is not None:
+            cap = math.ceil(data.max_train_samples / (1 - data.eval_fraction)) + 2
+        train = load_data(data.data, split="train", max_rows=cap)
+        train, held_out = train_eval_split(train, data.eval_fraction, seed=seed)
+        train, held_out = train[: data.max_train_samples], held_out[: data.max_eval_samples]
+    return list(train), list(held_out)
+
+
+@dataclass
+class PreparedData:
+    """A command's rows, raw and tokenized: training and held-out, and their format."""
+
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    format: str
+    train: list[dict]  # tokenized
+    eval: list[dict]  # tokenized
+
+
+def prepare_data(data: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+    """:func:`load_rows`, the format detected unless ``data.format`` names it, both sets tokenized."""
+    train_rows, eval_rows = load_rows(data, seed)
+    fmt = data.format or detect_format(train_rows[0].keys())
+    tok = dict(format=fmt, max_length=data.max_length, completion_only_loss=data.completion_only_loss)
+    return PreparedData(
+        train_rows,
+        eval_rows,
+        fmt,
+        tokenize_dataset(train_rows, tokenizer, **tok),
+        tokenize_dataset(eval_rows, tokenizer, **tok),
+    )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import IGNORE_INDEX, pad_rows
+from .batches import IGNORE_INDEX, collate
 from .data import encode_prompt, extract_final_answer, format_prompt
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -39,7 +39,7 @@ def mean_loss(model: nn.Module, rows: Sequence[dict], *, batch_size: int = 8, pa
     total, count = 0.0, 0
     try:
         for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in pad_rows(rows[i : i + batch_size], pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
             loss = nn.functional.cross_entropy(

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from .presets import preset_config
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -289,3 +291,53 @@ def load_model(
     if device is not None:
         lm = lm.to(device)
     return lm, tokenizer
+
+
+# --------------------------------------------------------------------------- random weights, real shapes
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a torch device (default: cuda if available, else cpu); a bare ``cuda`` gets its index."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device; pass --device cpu.")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """A ``--dtype`` name (bf16, float32, ...) as a torch dtype; default bf16 on a GPU, fp32 on a CPU."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype={dtype!r}; use bf16, fp16 or fp32.")
+    return getattr(torch, name)
+
+
+def random_model(
+    preset_name: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    num_layers: int | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised model with the real shapes of a preset (``presets.py``), built directly
+    on ``device`` in ``dtype``; normal init (``initializer_range``) seeded by ``seed``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = preset_config(preset_name, num_layers=num_layers)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)

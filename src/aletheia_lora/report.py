@@ -15,7 +15,17 @@ from typing import Any
 
 from .io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["plot_layer_scores", "plot_loss", "terminal_bar_chart", "write_report"]
+__all__ = [
+    "new_figure",
+    "plot_layer_scores",
+    "plot_loss",
+    "render_table",
+    "save_png",
+    "significant",
+    "table_lines",
+    "terminal_bar_chart",
+    "write_report",
+]
 
 # Partial blocks, 1/8 .. 7/8 of a character cell wide.
 _PARTIAL_BLOCKS = "▏▎▍▌▋▊▉"
@@ -38,10 +48,10 @@ _PNG_DPI = 120
 # --------------------------------------------------------------------------- formatting
 
 
-def _sig(x: float, digits: int = 3) -> str:
+def significant(x: float, digits: int = 3) -> str:
     """``x`` rounded to ``digits`` significant digits, without scientific notation.
 
-    ``_sig(1234.5) == "1,230"``, ``_sig(0.012345) == "0.0123"``, ``_sig(2.0) == "2.00"``.
+    ``significant(1234.5) == "1,230"``, ``significant(0.012345) == "0.0123"``, ``significant(2.0) == "2.00"``.
     """
     x = float(x)
     if not math.isfinite(x):
@@ -72,7 +82,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, float):
-        text = _sig(x, digits)
+        text = significant(x, digits)
         return text.rstrip("0").rstrip(".") if "." in text else text
     if isinstance(x, (list, tuple)):
         return ", ".join(_fmt(v, digits) for v in x)
@@ -84,10 +94,17 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
-def _table(header: tuple[str, ...], rows: Iterable[Iterable[Any]]) -> list[str]:
+def table_lines(header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> list[str]:
+    """A markdown table as lines: the header, the rule, one line per row; every cell escaped."""
+    header = [_cell(h) for h in header]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return lines
+
+
+def render_table(header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> str:
+    """:func:`table_lines` joined into one string (no trailing newline): the one markdown-table writer."""
+    return "\n".join(table_lines(header, rows))
 
 
 def _layer_list(layers: Iterable[int]) -> str:
@@ -143,7 +160,7 @@ def terminal_bar_chart(scores: Mapping[int, float], selected: Iterable[int] = ()
 # --------------------------------------------------------------------------- PNG plots
 
 
-def _new_figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
     """A matplotlib Figure attached to the headless Agg canvas (no pyplot state)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -157,7 +174,7 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
     return fig
 
 
-def _save_png(fig: Any, path: str | os.PathLike) -> None:
+def save_png(fig: Any, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_PNG_DPI)
     atomic_write_bytes(path, buf.getvalue())
@@ -188,7 +205,7 @@ def plot_layer_scores(
     roles: Mapping[int, Mapping[str, float]] = getattr(scores, "roles", None) or {}
     is_sel = [i in chosen for i in layers]
 
-    fig = _new_figure((max(6.0, min(20.0, 3.0 + 0.3 * len(layers))), 4.5))
+    fig = new_figure((max(6.0, min(20.0, 3.0 + 0.3 * len(layers))), 4.5))
     ax = fig.add_subplot()
     handles: list[Any] = []
 
@@ -231,7 +248,7 @@ def plot_layer_scores(
     ax.set_title(title or f"Layer scores ({n_sel} of {len(layers)} layers selected)")
     ax.legend(handles=handles, fontsize="small", loc="best")
     ax.grid(axis="y", alpha=0.3)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_loss(log_history: list[dict], path: str | os.PathLike) -> None:
@@ -254,7 +271,7 @@ def plot_loss(log_history: list[dict], path: str | os.PathLike) -> None:
     train_x, train_y = points("loss")
     eval_x, eval_y = points("eval_loss")
 
-    fig = _new_figure((7.0, 4.5))
+    fig = new_figure((7.0, 4.5))
     ax = fig.add_subplot()
     if not train_x and not eval_x:
         ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", fontsize=16, transform=ax.transAxes)
@@ -271,7 +288,7 @@ def plot_loss(log_history: list[dict], path: str | os.PathLike) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("Training loss")
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -293,7 +310,7 @@ def _params_text(n: Any, total: Any) -> str:
     text = f"{int(n):,}"
     if _is_number(total) and total > 0:
         pct = 100.0 * n / total
-        text += f" ({_sig(pct, 3)}% of all-layer LoRA's {int(total):,})"
+        text += f" ({significant(pct, 3)}% of all-layer LoRA's {int(total):,})"
     return text
 
 
@@ -342,9 +359,9 @@ def _summary_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     probe = info.get("probe") if isinstance(info.get("probe"), Mapping) else {}
     probe_s = info.get("probe_seconds", probe.get("seconds"))
     if _is_number(probe_s):
-        rows.append(("probe time", f"{_sig(probe_s, 3)} s"))
+        rows.append(("probe time", f"{significant(probe_s, 3)} s"))
     if _is_number(info.get("train_seconds_per_step")):
-        rows.append(("seconds per step", f"{_sig(info['train_seconds_per_step'], 3)} s"))
+        rows.append(("seconds per step", f"{significant(info['train_seconds_per_step'], 3)} s"))
     steps = info.get("steps", info.get("max_steps"))
     if steps is not None:
         rows.append(("steps", _fmt(steps)))
@@ -380,25 +397,25 @@ def write_report(path: str | os.PathLike, info: dict) -> str:
 
     summary = _summary_rows(info)
     if summary:
-        lines += ["## Summary", "", *_table(("", "value"), summary), ""]
+        lines += ["## Summary", "", *table_lines(("", "value"), summary), ""]
 
     before = info.get("metric_before") if isinstance(info.get("metric_before"), Mapping) else {}
     after = info.get("metric_after") if isinstance(info.get("metric_after"), Mapping) else {}
     if before or after:
         lines += ["## Metrics before / after training", ""]
-        lines += [*_table(("metric", "before", "after", "change"), _metric_rows(before, after)), ""]
+        lines += [*table_lines(("metric", "before", "after", "change"), _metric_rows(before, after)), ""]
 
     scores = _int_keys(info["scores"]) if isinstance(info.get("scores"), Mapping) else {}
     if scores:
         chosen = set(info.get("selected_layers") or ())
         rows = [(i, _fmt(scores[i], 4), "yes" if i in chosen else "no") for i in sorted(scores)]
-        lines += ["## Per-layer scores", "", *_table(("layer", "score", "selected"), rows), ""]
+        lines += ["## Per-layer scores", "", *table_lines(("layer", "score", "selected"), rows), ""]
 
     for key, heading in (("probe", "Probe"), ("settings", "Settings"), ("versions", "Versions")):
         section = info.get(key)
         if isinstance(section, Mapping) and section:
             rows = [(f"`{k}`", _fmt(v)) for k, v in section.items()]
-            lines += [f"## {heading}", "", *_table(("key", "value"), rows), ""]
+            lines += [f"## {heading}", "", *table_lines(("key", "value"), rows), ""]
 
     files = info.get("files")
     if files:

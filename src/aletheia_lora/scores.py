@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from .io import atomic_write_text
+
 
 class LayerScores(dict):
     """Layer index -> score (sum over probe batches of per-tensor gradient Frobenius norms).
@@ -50,8 +52,6 @@ class LayerScores(dict):
         """Serialise; with ``path`` also write the file (atomically)."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            from .io import atomic_write_text
-
             atomic_write_text(path, text + "\n")
         return text
 

@@ -41,10 +41,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from .architecture import find_blocks
-from .data import collate, load_data, tokenize_dataset
-from .forgetting import (
+from .batches import collate
+from .data import load_data, tokenize_dataset
+from .io import atomic_write_text
+from .models import load_model
+from .plan import run_probe, select, wrap_with_plan
+from .report import new_figure, render_table, save_png
+from .runs import check_output_dir, hardware, versions
+from .scores import LayerScores
+from .selection import budget
+from .settings import AletheiaConfig, BudgetSettings, ModelSettings, OutputDirSettings, at_least
+from .suites import (
     general_text_suite,
     gsm8k_suite,
     humaneval_problems,
@@ -53,8 +63,7 @@ from .forgetting import (
     mmlu_suite,
     sample,
 )
-from .selection import budget, select_layers
-from .training import AletheiaConfig, planned_cost, probe_and_select, wrap_with_plan
+from .timing import interleaved, optimizer_step
 
 FILES = ("study.json", "study.md", "study.png")
 DEFAULT_ARM = "top"
@@ -93,17 +102,13 @@ ARMS = {
 }
 
 
-@dataclass
-class StudyArguments:
-    """Settings of ``aletheia-lora study``. Every field is a flag of the same name."""
+@dataclass(kw_only=True)
+class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
+    """Settings of ``aletheia-lora study``: the shared model, budget and output groups, and its own.
+    Every field is a flag of the same name."""
 
     gsm8k_dir: str = field(
         metadata={"help": "Folder with train.jsonl and test.jsonl of {question, answer} rows (GSM8K)."}
-    )
-    output_dir: str = field(metadata={"help": "Where study.json, study.md and study.png go."})
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Hub id, local folder, or empty for the embedded SmolLM2-135M-Instruct."},
     )
     mmlu_dir: str | None = field(
         default=None, metadata={"help": "Folder of MMLU CSVs for the forgetting suite (optional)."}
@@ -121,7 +126,6 @@ class StudyArguments:
     max_length: int = field(default=256, metadata={"help": "Truncate training examples to this many tokens."})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (linear decay)."})
     warmup_steps: int = field(default=4, metadata={"help": "Linear warm-up steps."})
-    top_pct: float = field(default=50, metadata={"help": "Layer budget of the selection arms, in percent."})
     r: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2 r) of the uniform-rank arms."})
     probe_batches: int = field(default=5, metadata={"help": "Gradient-probe batches."})
     seed: int = field(default=0, metadata={"help": "Seed of the data order, LoRA init and the probe."})
@@ -144,12 +148,13 @@ class StudyArguments:
     resume: bool = field(
         default=False, metadata={"help": "Keep the arms an earlier run with the same settings finished."}
     )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow a non-empty output directory."}
-    )
-    quiet: bool = field(default=False, metadata={"help": "No progress lines (the table is still printed)."})
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
+        if not self.output_dir:
+            raise ValueError(
+                "study needs --output_dir: study.json is written there after every arm, so that --resume can "
+                "continue a run that stopped."
+            )
         if isinstance(self.arms, str):
             self.arms = [self.arms]
         unknown = [a for a in self.arms if a not in ARMS]
@@ -157,7 +162,9 @@ class StudyArguments:
             raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}.")
         wanted = {BASELINE, *self.arms} | ({DEFAULT_ARM} if EQUAL_TIME in self.arms else set())
         self.arms = [a for a in ARMS if a in wanted]  # fixed order: the baseline and default come first
-        for name in (
+        at_least(
+            self,
+            1,
             "steps",
             "batch_size",
             "max_length",
@@ -165,19 +172,17 @@ class StudyArguments:
             "r",
             "eval_max_length",
             "time_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
-        for name in (
+        )
+        at_least(
+            self,
+            0,
             "test_limit",
             "exact_match",
             "text_windows",
             "humaneval_limit",
             "mmlu_limit",
             "time_rounds",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}; it must be >= 0 (0 skips it).")
+        )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate}; it must be > 0.")
         folder = Path(self.gsm8k_dir)
@@ -190,8 +195,15 @@ class StudyArguments:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change results (what ``--resume`` must match)."""
-        skip = {"arms", "output_dir", "resume", "overwrite_output_dir", "quiet", "time_rounds", "time_steps"}
+        skip = {"arms", "output_dir", "resume", "overwrite_output_dir", "quiet", "time_rounds", "time_steps",
+                "trust_remote_code"}  # fmt: skip
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    @classmethod
+    def default_of(cls, name: str) -> Any:
+        """A field's default (what a record written before the field existed ran with)."""
+        f = cls.__dataclass_fields__[name]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 # --------------------------------------------------------------------------- training
@@ -204,30 +216,8 @@ def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> list[lis
     return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
 
 
-def optimizer_step(
-    model: nn.Module, params: list, optimizer, batch: dict, schedule=None
-) -> tuple[torch.Tensor, float]:
-    """Forward, backward, clip at 1.0, AdamW step; returns (loss, device-synchronised seconds)."""
-    device = batch["input_ids"].device
-    start = time.perf_counter()
-    loss = model(**batch).loss
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the loss is {loss.item()}; lower --learning_rate.")
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    if schedule is not None:
-        schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return loss.detach(), time.perf_counter() - start
-
-
 def train_arm(model: nn.Module, rows: list[dict], order: list[list[int]], args: StudyArguments, pad: int):
     """AdamW with linear warm-up and decay, gradient clipping at 1.0; returns (losses, step seconds)."""
-    from transformers import get_linear_schedule_with_warmup
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, len(order))
@@ -237,7 +227,7 @@ def train_arm(model: nn.Module, rows: list[dict], order: list[list[int]], args: 
     for step, indices in enumerate(order):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], pad).items()}
         try:
-            loss, took = optimizer_step(model, params, optimizer, batch, schedule)
+            loss, took = optimizer_step(model, optimizer, batch, clip=1.0, schedule=schedule)
         except FloatingPointError as err:
             raise FloatingPointError(f"step {step}: {err}") from None
         seconds.append(took)
@@ -295,9 +285,8 @@ def evaluate(model: nn.Module, tokenizer, inputs: dict[str, Any], args: StudyArg
 
 def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArguments, log) -> dict[str, Any]:
     """Step times of every trained arm, measured side by side: each arm wrapped once, one warm-up step,
-    then ``time_rounds`` rounds (the arm order rotating) of ``time_steps`` steps on the same batches."""
-    from .scores import LayerScores
-
+    then ``time_rounds`` interleaved rounds (``timing.interleaved``) of ``time_steps`` steps on the same
+    batches."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(base.parameters()).device
     batches = [{k: v.to(device) for k, v in collate([rows[i] for i in step], pad).items()}
@@ -308,21 +297,22 @@ def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArgumen
         dummy = LayerScores({i: 1.0 for i in range(len(a["selected_layers"]))})
         model, _ = wrap_with_plan(copy.deepcopy(base), dummy, a["selected_layers"], config)
         params = [p for p in model.parameters() if p.requires_grad]
-        models[a["arm"]] = (model.train(), params, torch.optim.AdamW(params, lr=args.learning_rate))
+        models[a["arm"]] = (model.train(), torch.optim.AdamW(params, lr=args.learning_rate))
 
     def step(name: str, batch: dict) -> float:
-        model, params, optimizer = models[name]
-        return optimizer_step(model, params, optimizer, batch)[1]
+        return optimizer_step(*models[name], batch)[1]
 
     names = list(models)
     for name in names:  # warm-up
         step(name, batches[0])
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for rnd in range(args.time_rounds):
-        shift = rnd % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds[name] += [step(name, batch) for batch in batches]
-        log(f"timing round {rnd + 1}/{args.time_rounds} done")
+
+    def run(name: str, rnd: int) -> None:
+        seconds[name] += [step(name, batch) for batch in batches]
+        if sum(map(len, seconds.values())) == (rnd + 1) * len(names) * len(batches):
+            log(f"timing round {rnd + 1}/{args.time_rounds} done")
+
+    interleaved(names, args.time_rounds, run)
     return {
         "rounds": args.time_rounds,
         "steps_per_round": args.time_steps,
@@ -335,9 +325,12 @@ def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArgumen
 
 
 def _config(arm: Arm, args: StudyArguments) -> AletheiaConfig:
+    strategy = arm.strategy or "top"
     return AletheiaConfig(
         top_pct=args.top_pct,
-        strategy=arm.strategy or "top",
+        top_k=args.top_k,
+        target_speedup=args.target_speedup if strategy == "depth-aware" else None,
+        strategy=strategy,
         probe_params=arm.probe_params,
         probe_batches=args.probe_batches,
         r=args.r,
@@ -356,14 +349,12 @@ def run_arm(
     model = copy.deepcopy(base)
     config = _config(arm, args)
     if arm.probe_params not in probes:
-        scores, _, seconds = probe_and_select(model, rows, config, tokenizer=tokenizer)
-        probes[arm.probe_params] = (scores, seconds)
+        probes[arm.probe_params] = run_probe(model, rows, config, tokenizer=tokenizer)
     scores, probe_seconds = probes[arm.probe_params]
     if arm.strategy is None:
         selected = list(range(find_blocks(model).num_layers))
     else:
-        cost = planned_cost(model, config) if arm.strategy == "depth-aware" else None
-        selected = select_layers(scores, config.top_pct, strategy=arm.strategy, seed=arm.seed, cost=cost)
+        selected = select(scores, config, model=model, seed=arm.seed)
     probed = arm.strategy in ("top", "depth-aware")  # the arms that pay for the probe
     peft_model, plan = wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -520,18 +511,18 @@ def answers(arms: dict[str, dict]) -> dict[str, Any]:
 
 def run_study(args: StudyArguments, *, log=print, command: list[str] | None = None) -> dict[str, Any]:
     """Run every arm of ``args`` and write study.json / study.md / study.png to ``args.output_dir``."""
-    from .bench import hardware
-    from .io import atomic_write_text
-    from .models import load_model
-    from .pipeline import check_output_dir, versions
-
     out = Path(args.output_dir)
     previous = _previous(out / "study.json", args) if args.resume else None
     if previous is None:
         out = check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, create=False)
     say = (lambda *a: None) if args.quiet else log
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, tokenizer = load_model(args.model, device=str(device) if device.type == "cuda" else None)
+    base, tokenizer = load_model(
+        args.model,
+        device=str(device) if device.type == "cuda" else None,
+        dtype=args.torch_dtype_name,
+        trust_remote_code=args.trust_remote_code,
+    )
     base.eval()
     train = load_data(str(Path(args.gsm8k_dir) / "train.jsonl"))
     # Rows whose prompt fills max_length have nothing to learn and are dropped (tokenize_dataset
@@ -559,7 +550,7 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
     }
 
     def write() -> None:
-        _write(out, record, atomic_write_text)
+        _write(out, record)
 
     if record["base"] is None:
         say("evaluating the base model ...")
@@ -613,8 +604,13 @@ def _previous(path: Path, args: StudyArguments) -> dict[str, Any] | None:
         return None
     record = json.loads(path.read_text())
     record.pop("answers", None)  # derived, recomputed at the end (perhaps by newer code)
-    if record.get("settings") != args.fingerprint():
-        changed = sorted(k for k, v in args.fingerprint().items() if record.get("settings", {}).get(k) != v)
+    old = record.get("settings", {})
+    # a setting absent from an older record ran with its default
+    changed = sorted(
+        k for k, v in args.fingerprint().items() if old.get(k, StudyArguments.default_of(k)) != v
+    )
+    changed += sorted(set(old) - set(args.fingerprint()))
+    if changed:
         raise ValueError(
             f"--resume: {path} was written with other settings ({', '.join(changed)}); use the same "
             f"flags, or a new --output_dir."
@@ -622,7 +618,7 @@ def _previous(path: Path, args: StudyArguments) -> dict[str, Any] | None:
     return record
 
 
-def _write(out: Path, record: dict[str, Any], atomic_write_text) -> None:
+def _write(out: Path, record: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.json", json.dumps(record, indent=1, default=str) + "\n")
     atomic_write_text(out / "study.md", markdown_report(record))
@@ -659,10 +655,9 @@ def markdown_table(record: dict[str, Any]) -> str:
     forget_cols = [c for c in _FORGET if c[0] in base]
     head = ["arm", "layers", "trainable", *[c[1] for c in metric_cols], "vs all",
             *[c[1] for c in forget_cols], "speedup", "predicted", "steps", "probe s", "wall s"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_cells = ["base model", "-", "0", *[c[2].format(base[c[0]]) for c in metric_cols], "",
                   *["" for _ in forget_cols], "", "", "0", "", ""]  # fmt: skip
-    lines.append("| " + " | ".join(base_cells) + " |")
+    rows = [base_cells]
     for a in record.get("arms", []):
         m, d = a["metrics"], a.get("delta") or _deltas(a, base)
         vs = a.get("gsm8k_nll_vs_all")
@@ -679,8 +674,8 @@ def markdown_table(record: dict[str, Any]) -> str:
             f"{a['probe_seconds']:.1f}",
             f"{a['probe_seconds'] + a['steps'] * _step_seconds(record, a):.0f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return render_table(head, rows) + "\n"
 
 
 def _answer_lines(ans: dict[str, Any]) -> list[str]:
@@ -801,10 +796,8 @@ def markdown_report(record: dict[str, Any]) -> str:
 
 def plot_study(record: dict[str, Any], path: str | Path) -> None:
     """Left: GSM8K test NLL against measured speedup, one point per arm. Right: forgetting deltas."""
-    from .report import _new_figure, _save_png
-
     arms = [a for a in record["arms"] if "gsm8k_nll" in a["metrics"]]
-    fig = _new_figure((11, 4.5))
+    fig = new_figure((11, 4.5))
     left, right = fig.subplots(1, 2)
     for a in arms:
         x, y = a.get("measured_speedup", 1.0), a["metrics"]["gsm8k_nll"]
@@ -830,7 +823,7 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     if keys:
         right.legend(fontsize=7)
     fig.suptitle(f"Layer-selection study: {record['model']}", fontsize=10)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 __all__ = ["ARMS", "Arm", "StudyArguments", "batch_order", "markdown_table", "run_study", "train_arm"]

@@ -1,8 +1,8 @@
-"""The jobs behind the CLI, callable from Python: ``probe_job``, ``train_job``.
+"""``probe`` and ``train``: the jobs behind the two main commands, callable from Python.
 
-Each takes plain dataclasses (the same ones the CLI parses), does the work, writes its files
-atomically into the output directory, and returns a summary dict. Nothing here prints unless
-asked to, and nothing imports the CLI.
+Each takes the settings dataclasses the CLI parses, does the work, writes its files atomically
+into the output directory, and returns a summary dict. Nothing here prints unless asked to, and
+nothing imports the CLI.
 
 Under ``torchrun`` / ``accelerate launch`` every rank runs the job (the probe splits its batches
 across ranks, the Trainer runs DDP), but only the main process writes files and logs.
@@ -13,14 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
-import platform
-import shutil
 import statistics
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,99 +23,22 @@ from typing import Any
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import sort_checkpoints
 
-from . import __version__
-from .data import (
-    DataCollator,
-    MissingSplitError,
-    detect_format,
-    load_data,
-    tokenize_dataset,
-    train_eval_split,
-)
+from .callbacks import NonFiniteGuard, StepTimer
+from .data import DataCollator, PreparedData, prepare_data
 from .evaluation import exact_match, mean_loss
-from .io import _umask, atomic_write_text
+from .io import atomic_write_text
 from .models import load_model
+from .plan import AletheiaPlan, prepare_model, probe_and_select, wrap_with_plan
 from .probe import agree_across_ranks
-from .scores import LayerScores
-from .training import (
-    AletheiaConfig,
-    AletheiaPlan,
-    NonFiniteGuard,
-    TruncatedBackwardCallback,
-    prepare_model,
-    probe_and_select,
-    wrap_with_plan,
-)
+from .report import plot_layer_scores, plot_loss, terminal_bar_chart, write_report
+from .runs import check_output_dir, default_output_dir, save_adapter, versions
+from .settings import AletheiaConfig, DataSettings, ModelSettings, RunSettings
+from .truncation import TruncatedBackwardCallback
 
 PLAN_FILE = "aletheia.json"
-
-
-@dataclass
-class ModelArguments:
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Hub id, local folder, or empty for the embedded SmolLM2-135M-Instruct."},
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Weight dtype to load: auto, bfloat16, float16 or float32 (default: the checkpoint's)."
-        },
-    )
-
-
-@dataclass
-class DataArguments:
-    data: str | None = field(
-        default=None,
-        metadata={
-            "help": "A .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, a hub dataset, or "
-            "empty for the embedded arithmetic task."
-        },
-    )
-    format: str | None = field(
-        default=None,
-        metadata={
-            "help": "Row format: text, prompt_completion, question_answer, messages, alpaca (default: detect)."
-        },
-    )
-    max_length: int = field(default=256, metadata={"help": "Truncate examples to this many tokens."})
-    completion_only_loss: bool = field(
-        default=True, metadata={"help": "Loss on completions only for the paired formats."}
-    )
-    eval_fraction: float = field(
-        default=0.05, metadata={"help": "Held-out fraction when the data has no test split."}
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use at most this many training rows."}
-    )
-    max_eval_samples: int | None = field(
-        default=200, metadata={"help": "Evaluate on at most this many rows."}
-    )
-    eval_generate: int = field(
-        default=50,
-        metadata={
-            "help": "Held-out questions to answer by greedy decoding for exact match (question/answer data)."
-        },
-    )
-
-
-@dataclass
-class RunArguments:
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into a non-empty output directory."}
-    )
-    quiet: bool = field(default=False, metadata={"help": "No progress bars or summaries."})
-    merge: bool = field(default=False, metadata={"help": "Also save the merged model to OUTPUT_DIR/merged."})
-    skip_nonfinite_steps: bool = field(
-        default=False,
-        metadata={
-            "help": "Skip optimizer steps with a NaN/inf gradient instead of stopping (default: stop)."
-        },
-    )
 
 
 @dataclass
@@ -140,114 +58,26 @@ class TrainArguments(TrainingArguments):
     )
 
 
-def check_output_dir(
-    path: str | os.PathLike, *, overwrite: bool, resuming: bool = False, create: bool = True
-) -> Path:
-    """Refuse a non-empty output directory unless ``overwrite`` (or resuming into it).
-
-    ``create=False`` only checks, so a run that fails before writing leaves nothing behind.
-    """
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output_dir {str(out)!r} is a file; pass a directory path.")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resuming):
-        raise FileExistsError(
-            f"output_dir {str(out)!r} is not empty; pass --overwrite_output_dir to write into it, "
-            f"--resume_from_checkpoint to continue the run there, or choose another directory."
-        )
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {
-        "aletheia_lora": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-
-
-def _load_rows(data: DataArguments, seed: int) -> tuple[list[dict], list[dict]]:
-    """Training and held-out rows, reading no more of the data than the sample limits need."""
-    try:
-        held_out = load_data(data.data, split="test", max_rows=data.max_eval_samples)
-        train = load_data(data.data, split="train", max_rows=data.max_train_samples)
-    except MissingSplitError:  # a single set of rows: hold some out (from a large enough head of it)
-        cap = None
-        if data.max_train_samples is not None:
-            cap = math.ceil(data.max_train_samples / (1 - data.eval_fraction)) + 2
-        train = load_data(data.data, split="train", max_rows=cap)
-        train, held_out = train_eval_split(train, data.eval_fraction, seed=seed)
-        train, held_out = train[: data.max_train_samples], held_out[: data.max_eval_samples]
-    return list(train), list(held_out)
-
-
-def _prepare_data(data: DataArguments, tokenizer, seed: int):
-    train_rows, eval_rows = _load_rows(data, seed)
-    fmt = data.format or detect_format(train_rows[0].keys())
-    tok = dict(format=fmt, max_length=data.max_length, completion_only_loss=data.completion_only_loss)
-    return (
-        train_rows,
-        eval_rows,
-        fmt,
-        tokenize_dataset(train_rows, tokenizer, **tok),
-        tokenize_dataset(eval_rows, tokenizer, **tok),
-    )
-
-
-def _metrics(model, tokenizer, eval_rows, eval_tok, fmt: str, data: DataArguments) -> dict[str, Any]:
-    out: dict[str, Any] = {"eval_loss": mean_loss(model, eval_tok, pad_token_id=tokenizer.pad_token_id)}
-    if fmt == "question_answer" and data.eval_generate > 0:
-        em = exact_match(model, tokenizer, eval_rows[: data.eval_generate])
+def _metrics(model, tokenizer, data: PreparedData, eval_generate: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"eval_loss": mean_loss(model, data.eval, pad_token_id=tokenizer.pad_token_id)}
+    if data.format == "question_answer" and eval_generate > 0:
+        em = exact_match(model, tokenizer, data.eval_rows[:eval_generate])
         out["exact_match"] = em["exact_match"]
         out["exact_match_n"] = em["n"]
         out["examples"] = em["examples"]
     return out
 
 
-class StepTimer(TrainerCallback):
-    """Wall-clock seconds of each optimizer step (forward, backward, update)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def save_adapter(peft_model, output_dir: Path) -> None:
-    """``save_pretrained`` into a temp folder, then move each file into place atomically."""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
-    try:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-        mode = 0o666 & ~_umask()
-        for item in tmp.iterdir():
-            os.chmod(item, mode)
-            os.replace(item, output_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-N`` folders whose save finished (Trainer writes trainer_state.json last), oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(
-        found, key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1
-    )
+    """``checkpoint-N`` folders whose save finished, oldest first.
+
+    transformers' ``get_last_checkpoint`` takes the newest folder even when a kill interrupted its
+    save; the Trainer writes ``trainer_state.json`` last, so a folder with it is complete.
+    """
+    if not output_dir.is_dir():
+        return []
+    found = [Path(p) for p in sort_checkpoints(str(output_dir))]
+    return [p for p in found if (p / "trainer_state.json").is_file()]
 
 
 def _resolve_resume(value: str | None, output_dir: Path) -> str | None:
@@ -300,27 +130,28 @@ def _is_main_process(training_args: TrainingArguments | None = None) -> bool:
 
 
 def probe_job(
-    model_args: ModelArguments,
-    data_args: DataArguments,
+    model_args: ModelSettings,
+    data_args: DataSettings,
     config: AletheiaConfig,
-    output_dir: str,
+    output_dir: str | None = None,
     *,
     overwrite_output_dir: bool = False,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Probe and select; write ``layer_scores.json`` and ``layer_scores.png`` to ``output_dir``."""
-    from .report import plot_layer_scores, terminal_bar_chart
-
-    out = check_output_dir(output_dir, overwrite=overwrite_output_dir, create=False)
+    """Probe and select; write ``layer_scores.json`` and ``layer_scores.png`` to ``output_dir``
+    (default ``runs/probe-<date>-<time>``)."""
+    out = check_output_dir(
+        output_dir or default_output_dir("probe"), overwrite=overwrite_output_dir, create=False
+    )
     main_process = _is_main_process()
     model, tokenizer = load_model(
-        model_args.model, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code
+        model_args.model, dtype=model_args.torch_dtype_name, trust_remote_code=model_args.trust_remote_code
     )
     if torch.cuda.is_available():
         model.to(f"cuda:{torch.cuda.current_device()}")
-    _, _, _, train_tok, _ = _prepare_data(data_args, tokenizer, config.seed)
+    data = prepare_data(data_args, tokenizer, config.seed)
     scores, selected, _ = probe_and_select(
-        model, train_tok, config, tokenizer=tokenizer, progress=not quiet and main_process
+        model, data.train, config, tokenizer=tokenizer, progress=not quiet and main_process
     )
     agree_across_ranks(selected, "selected layers")
     scores.meta["selected_layers"] = selected
@@ -341,17 +172,15 @@ def probe_job(
 
 
 def train_job(
-    model_args: ModelArguments,
-    data_args: DataArguments,
+    model_args: ModelSettings,
+    data_args: DataSettings,
     config: AletheiaConfig,
-    run: RunArguments,
+    run: RunSettings,
     training_args: TrainingArguments,
     *,
     log=print,
 ) -> dict[str, Any]:
     """Probe, select, train, and write the adapter, ``aletheia.json``, plots and ``report.md``."""
-    from .report import plot_layer_scores, plot_loss, write_report
-
     resume = _resolve_resume(training_args.resume_from_checkpoint, Path(training_args.output_dir))
     # Every rank checks the folder before any rank writes: rank 0 writes only after the probe,
     # whose collectives every rank joins after its own check.
@@ -362,11 +191,14 @@ def train_job(
     say = log if main_process and not run.quiet else (lambda *a: None)
     with _whole_model_under_zero3():
         model, tokenizer = load_model(
-            model_args.model, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code
+            model_args.model,
+            dtype=model_args.torch_dtype_name,
+            trust_remote_code=model_args.trust_remote_code,
         )
     model.to(training_args.device)  # probe where training runs (each rank: its own device)
-    train_rows, eval_rows, fmt, train_tok, eval_tok = _prepare_data(data_args, tokenizer, training_args.seed)
-    say(f"data: {len(train_tok)} training / {len(eval_tok)} held-out examples, format {fmt}")
+    data = prepare_data(data_args, tokenizer, training_args.seed)
+    fmt = data.format
+    say(f"data: {len(data.train)} training / {len(data.eval)} held-out examples, format {fmt}")
 
     plan_path = out / PLAN_FILE
     if resume:  # same selection as the interrupted run: read it, never re-probe
@@ -390,7 +222,7 @@ def train_job(
             say(f"calibrating the cost model: 3 selections x a few steps of {config.calibrate_batch_size} x "
                 f"{config.calibrate_seq_len} tokens ...")  # fmt: skip
         peft_model, plan = prepare_model(
-            model, train_tok, config, tokenizer=tokenizer, progress=not run.quiet and main_process
+            model, data.train, config, tokenizer=tokenizer, progress=not run.quiet and main_process
         )
         say(
             f"probe: {plan.probe_seconds:.1f} s; adapting layers {plan.selected_layers} of {plan.num_layers} "
@@ -417,13 +249,13 @@ def train_job(
 
     # Evaluation runs on every rank (no collectives inside, so no rank waits on another).
     say("evaluating before training ...")
-    before = _metrics(peft_model, tokenizer, eval_rows, eval_tok, fmt, data_args)
+    before = _metrics(peft_model, tokenizer, data, data_args.eval_generate)
     timer = StepTimer()
     guard = NonFiniteGuard(skip=run.skip_nonfinite_steps)
     trainer = Trainer(
         model=peft_model,
         args=training_args,
-        train_dataset=train_tok,
+        train_dataset=data.train,
         data_collator=DataCollator(tokenizer.pad_token_id),
         callbacks=[timer, TruncatedBackwardCallback(), guard],
     )
@@ -445,7 +277,7 @@ def train_job(
             else ""
         )
         raise KeyboardInterrupt(f"training interrupted.{hint}") from None
-    after = _metrics(peft_model, tokenizer, eval_rows, eval_tok, fmt, data_args)
+    after = _metrics(peft_model, tokenizer, data, data_args.eval_generate)
 
     files = [
         "adapter_model.safetensors",
@@ -526,14 +358,4 @@ def load_plan(output_dir: str | os.PathLike) -> AletheiaPlan:
     return AletheiaPlan.from_dict(data["plan"])
 
 
-__all__ = [
-    "DataArguments",
-    "LayerScores",
-    "ModelArguments",
-    "RunArguments",
-    "TrainArguments",
-    "check_output_dir",
-    "load_plan",
-    "probe_job",
-    "train_job",
-]
+__all__ = ["PLAN_FILE", "TrainArguments", "complete_checkpoints", "load_plan", "probe_job", "train_job"]

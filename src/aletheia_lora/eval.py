@@ -1,0 +1,188 @@
+"""``aletheia-lora eval``: score a model, with or without an adapter, on the task and forgetting suites.
+
+``eval_job`` loads the model (+ adapter), runs the suites of ``suites.py`` (optionally also on
+the base model, with the adapter disabled), and writes ``eval.json`` and ``eval.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from .io import atomic_write_text
+from .models import load_model
+from .report import render_table
+from .runs import check_output_dir, default_output_dir, versions
+from .settings import DTYPES, ModelSettings, OutputDirSettings
+from .suites import prepare_inputs, resolve_suites, run_suites
+
+
+@dataclass(kw_only=True)
+class EvalArguments(ModelSettings, OutputDirSettings):
+    """Settings of ``aletheia-lora eval``. Every field is a flag of the same name."""
+
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter folder to load on top."})
+    suites: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Suites, comma- or space-separated, from task, general_text, humaneval, mmlu, gsm8k, "
+                  "humaneval_exec (default: task,general_text,humaneval, plus mmlu/gsm8k when --mmlu_dir/--gsm8k "
+                  "are given)."},
+    )  # fmt: skip
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Task data (its test split, else all rows); empty: the embedded task."},
+    )
+    text: str | None = field(
+        default=None, metadata={"help": "English text file for general_text (default: pydoc_data.topics)."}
+    )
+    mmlu_dir: str | None = field(
+        default=None, metadata={"help": "Folder of MMLU CSVs (question,A,B,C,D,answer), optional dev/."}
+    )
+    mmlu_shots: int = field(default=0, metadata={"help": "Few-shot rows from dev/ per MMLU question."})
+    gsm8k: str | None = field(default=None, metadata={"help": "GSM8K .jsonl file of {question, answer}."})
+    gsm8k_generate: bool = field(
+        default=False, metadata={"help": "Also greedy-decode GSM8K for exact match."}
+    )
+    generate: bool = field(default=True, metadata={"help": "Greedy exact match on numeric task answers."})
+    limit: int | None = field(
+        default=None, metadata={"help": "Items per suite: the first N after a shuffle seeded by --seed."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the --limit shuffle."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per example / general_text window."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget for exact match."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "lm-evaluation-harness tasks to run on the in-memory model (comma- or space-"
+                  "separated; needs the lm-eval extra)."},
+    )  # fmt: skip
+    lm_eval_include: str | None = field(
+        default=None, metadata={"help": "Folder of custom lm-eval task YAMLs (e.g. local datasets)."}
+    )
+    lm_eval_fewshot: int | None = field(
+        default=None, metadata={"help": "Few-shot examples for the lm-eval tasks (default: each task's)."}
+    )
+    allow_code_execution: bool = field(
+        default=False,
+        metadata={"help": "Allow the humaneval_exec suite to run model-written code (separate, resource-"
+                  "limited processes; not a security sandbox)."},
+    )  # fmt: skip
+    humaneval_samples: int = field(
+        default=1, metadata={"help": "humaneval_exec: completions per problem (1: greedy, pass@1)."}
+    )
+    compare_base: bool = field(
+        default=False, metadata={"help": "Also evaluate the base model (adapter disabled); report deltas."}
+    )
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k not in ("n", "tokens", "samples") and isinstance(v, (int, float))
+    }
+
+
+def with_deltas(adapted: dict[str, dict], base: dict[str, dict]) -> dict[str, dict]:
+    """Each suite's adapter metrics plus ``"base"`` (the base model's) and ``"delta"`` (adapter - base)."""
+    out = {}
+    for name, metrics in adapted.items():
+        b = base[name]
+        delta = {k: v - b[k] for k, v in _numeric(metrics).items() if k in b}
+        out[name] = {**metrics, "base": b, "delta": delta}
+    return out
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per suite and metric: value (and base, delta when present) and ``n``."""
+    has_base = any("base" in m for m in results.values())
+    head = ("suite", "metric", "value", *(("base", "delta") if has_base else ()), "n")
+    rows = []
+    for name, metrics in results.items():
+        for key, value in _numeric(metrics).items():
+            cells = [name, key, f"{value:.4f}"]
+            if has_base:
+                base, delta = metrics.get("base", {}).get(key), metrics.get("delta", {}).get(key)
+                cells += [
+                    f"{base:.4f}" if base is not None else "",
+                    f"{delta:+.4f}" if delta is not None else "",
+                ]
+            cells.append(str(metrics.get("n", "")))
+            rows.append(cells)
+    return render_table(head, rows) + "\n"
+
+
+def eval_job(
+    *,
+    output_dir: str | None = None,
+    model: str | None = None,
+    adapter: str | None = None,
+    suites: Sequence[str] | None = None,
+    overwrite_output_dir: bool = False,
+    compare_base: bool = False,
+    trust_remote_code: bool = False,
+    dtype: str | None = None,
+    log=None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Load ``model`` (+ ``adapter``), run the suites, write ``eval.json`` and ``eval.md`` atomically.
+
+    ``settings`` holds the suites' options: ``data``, ``text``, ``mmlu_dir``, ``mmlu_shots``,
+    ``gsm8k``, ``gsm8k_generate``, ``generate``, ``limit``, ``seed``, ``max_length``,
+    ``max_new_tokens``, ``batch_size``, ``allow_code_execution``, ``humaneval_samples``, and
+    ``lm_eval_tasks`` / ``lm_eval_include`` / ``lm_eval_fewshot`` (lm-evaluation-harness tasks run on
+    the in-memory model, reported as suites ``lm_eval:<task>``). Returns the eval.json record plus ``"table"`` (markdown),
+    ``"files"`` and ``"output_dir"``.
+    """
+    if compare_base and not adapter:
+        raise ValueError("--compare_base needs --adapter (the base model is the model without it)")
+    names = resolve_suites(
+        suites,
+        mmlu_dir=settings.get("mmlu_dir"),
+        gsm8k=settings.get("gsm8k"),
+        allow_code_execution=settings.get("allow_code_execution", False),
+    )
+    out = check_output_dir(
+        output_dir or default_output_dir("eval"), overwrite=overwrite_output_dir, create=False
+    )
+    log = log or (lambda line: None)
+    start = time.perf_counter()
+    inputs = prepare_inputs(names, settings)
+    device = "cuda" if torch.cuda.is_available() else None
+    net, tokenizer = load_model(
+        model, device=device, dtype=DTYPES.get(dtype), trust_remote_code=trust_remote_code
+    )
+    if adapter:
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
+    log(
+        f"evaluating {', '.join(names)} on {model or 'the embedded model'}"
+        + (f" + {adapter}" if adapter else "")
+    )
+    results = run_suites(net, tokenizer, inputs, settings)
+    if compare_base:
+        with net.disable_adapter() if adapter else nullcontext():
+            base = run_suites(net, tokenizer, inputs, settings)
+        results = with_deltas(results, base)
+    record = {
+        "suites": results,
+        "model": model or "embedded",
+        "adapter": adapter,
+        "compare_base": compare_base,
+        "settings": {"suites": names, **settings},
+        "seconds": time.perf_counter() - start,
+        "versions": versions(),
+    }
+    table = markdown_table(results)
+    title = f"# Evaluation of {record['model']}" + (f" + adapter {adapter}" if adapter else "")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(out / "eval.md", f"{title}\n\n{table}")
+    return {**record, "table": table, "files": ["eval.json", "eval.md"], "output_dir": str(out)}
