@@ -117,7 +117,8 @@ def test_train_writes_adapter_plan_plots_and_report(trained):
     for name in ("adapter_model.safetensors", "adapter_config.json", "aletheia.json", "layer_scores.png",
                  "loss.png", "report.md", "merged/config.json", "merged/model.safetensors"):  # fmt: skip
         assert (trained / name).is_file(), name
-    assert (trained / "checkpoint-2").is_dir() and (trained / "checkpoint-3").is_dir()
+    # the default keeps the last checkpoint only, and the run says what it kept
+    assert (trained / "checkpoint-3").is_dir() and not (trained / "checkpoint-2").exists()
     for png in ("layer_scores.png", "loss.png"):
         assert (trained / png).read_bytes().startswith(PNG_MAGIC)
     assert not [p.name for p in trained.iterdir() if p.name.startswith(".")]  # no temp leftovers
@@ -144,6 +145,12 @@ def test_train_writes_adapter_plan_plots_and_report(trained):
         assert math.isfinite(record[when]["eval_loss"])
         assert record[when]["exact_match_n"] == 2
     assert record["metrics_after"]["eval_loss"] != record["metrics_before"]["eval_loss"]
+    assert [c["folder"] for c in record["checkpoints"]] == ["checkpoint-3"] and record["checkpoints"][0][
+        "bytes"
+    ] > 0
+    report = (trained / "report.md").read_text()
+    assert "checkpoint-3/ (" in report and "--save_total_limit" in report
+    assert "How: exact match: greedy answers to 2 held-out questions" in report
 
     again = load_plan(trained)
     assert again.selected_layers == plan["selected_layers"] and again.scores == scores
@@ -214,7 +221,7 @@ def test_train_calibrates_the_cost_model_at_the_training_shape_and_resume_keeps_
     )
     assert "calibrating the cost model: 3 selections x a few steps of 2 x 32 tokens" in printed
     note = "(cost model calibrated on this machine on 3 timed selections)"
-    assert f"predicted step speedup {plan['predicted_speedup']:.2f}x {note}" in printed
+    assert f"predicted {plan['predicted_speedup']:.2f}x faster per step than all-layer LoRA {note}" in printed
     assert note in (out / "report.md").read_text()
 
     assert (
@@ -433,6 +440,63 @@ def test_subcommand_help_lists_library_and_trainer_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--top_pct", "--mlp_r", "--probe_batches", "--learning_rate", "--max_steps", "--merge"):
         assert flag in text
+    usage = text.split("\n\n")[0]
+    assert len(usage.splitlines()) <= 2, usage  # a usage line, not every flag
+    headings = [
+        line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")
+    ]
+    names = [h.split(" (")[0].rstrip(":") for h in headings]
+    assert names == [
+        "options",
+        "model",
+        "data",
+        "probe, selection and LoRA",
+        "output",
+        "transformers.TrainingArguments",
+    ]
+    flat = " ".join(text.split())  # argparse wraps lines
+    assert "(default: the checkpoint's;" in flat and ". (default: None)" not in flat  # no doubled defaults
+    no_flag = text[text.index("--no_truncate_backward") :].split("\n  --")[0]
+    assert "Turn off --truncate_backward" in no_flag and "Never back-propagate" not in no_flag
+
+
+def test_eval_of_a_run_scores_its_held_out_rows_with_trains_numbers(trained, tmp_path, capsys):
+    # the adapter's own folder: eval finds the data, the held-out split and the base model in aletheia.json
+    assert (
+        main(["eval", "--adapter", str(trained), "--suites", "task", "--output_dir", str(tmp_path / "e")])
+        == 0
+    )
+    record = json.loads((tmp_path / "e" / "eval.json").read_text())
+    run = json.loads((trained / "aletheia.json").read_text())
+    task, after = record["suites"]["task"], run["metrics_after"]
+    assert task["nll"] == pytest.approx(after["eval_loss"], rel=1e-5)
+    assert (
+        task["exact_match"] == after["exact_match"] and task["exact_match_n"] == after["exact_match_n"] == 2
+    )
+    assert record["task_data"]["dataset"].endswith("data.jsonl")
+    assert "held-out" in record["task_data"]["split"] and record["task_data"]["rows"] == 2
+    err = capsys.readouterr().err
+    assert "task: " in err and "data.jsonl" in err and "held-out" in err  # said on the console too
+    md = (tmp_path / "e" / "eval.md").read_text()
+    assert "task data: " in md and "data.jsonl" in md and "hit that limit unfinished" in md
+
+
+def test_eval_refuses_to_score_training_rows_of_a_file_without_a_test_split(
+    workspace, trained, tmp_path, capsys
+):
+    other = write_jsonl(tmp_path / "other.jsonl", qa_rows(6, seed=3))
+    argv = ["eval", "--adapter", str(trained), "--suites", "task", "--data", str(other)]
+    assert main([*argv, "--output_dir", str(tmp_path / "e")]) == 1
+    assert "--allow_training_rows" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert main([*argv, "--allow_training_rows", "true", "--output_dir", str(tmp_path / "f")]) == 0
+    assert json.loads((tmp_path / "f" / "eval.json").read_text())["task_data"]["rows"] == 6
+
+
+def test_a_small_held_out_set_is_warned_about(workspace, tmp_path):
+    with pytest.warns(UserWarning, match=r"only 2 held-out rows.*--eval_fraction"):
+        rc = main(["train", *_base(workspace), "--output_dir", str(tmp_path / "o"), *FAST, "--max_steps", "1",
+                   "--quiet", "true"])  # fmt: skip
+    assert rc == 0
 
 
 def test_python_dash_m_help_exits_0():

@@ -21,11 +21,11 @@ EXTRA = (
     "A B C D Answer Question : . , ? #### The following are multiple choice questions ( with answers ) about"
 )
 PER_SUITE = {
-    "task": {"nll", "exact_match", "n"},
+    "task": {"nll", "exact_match", "n", "exact_match_n", "cut_off", "max_new_tokens", "examples"},
     "general_text": {"nll", "tokens", "n"},
     "humaneval": {"nll", "tokens", "n"},
     "mmlu": {"accuracy", "loglik", "n"},
-    "gsm8k": {"nll", "exact_match", "n"},
+    "gsm8k": {"nll", "exact_match", "n", "cut_off"},
 }
 
 
@@ -99,7 +99,8 @@ def test_cli_runs_every_suite_and_writes_json_and_md(ws, tmp_path, monkeypatch):
     for name, keys in PER_SUITE.items():
         metrics = record["suites"][name]
         assert set(metrics) == keys, name
-        assert metrics["n"] == 2 and all(math.isfinite(v) for v in metrics.values()), name
+        numbers = [v for k, v in metrics.items() if k != "examples"]
+        assert metrics["n"] == 2 and all(math.isfinite(v) for v in numbers), name
     assert record["settings"]["limit"] == 2 and record["model"] == str(ws / "model")
     assert record["versions"]["torch"]
     table = (out / "eval.md").read_text()
@@ -193,7 +194,8 @@ def test_limit_is_deterministic(ws, tmp_path):
     assert runs[0] == runs[1] and runs[0]["task"]["n"] == 3
     model, tokenizer = _load(ws)
     rows = F.sample(F.load_task_rows(str(ws / "data.jsonl")), 3, seed=7)
-    assert F.task_suite(model, tokenizer, rows, max_length=32, max_new_tokens=3) == runs[0]["task"]
+    task = F.TaskRows(rows, "data.jsonl", "every row", max_length=32)
+    assert F.task_suite(model, tokenizer, task) == runs[0]["task"]
 
 
 def test_compare_base_zero_delta_for_zero_adapter_and_nonzero_after_perturbation(ws, tmp_path):
@@ -202,7 +204,8 @@ def test_compare_base_zero_delta_for_zero_adapter_and_nonzero_after_perturbation
         out = tmp_path / adapter
         rc = main(["eval", *_common(ws), "--adapter", str(ws / adapter), "--compare_base", "true",
                    "--suites", "task,general_text,mmlu", "--text", str(ws / "text.txt"),
-                   "--mmlu_dir", str(ws / "mmlu"), "--generate", "false", "--output_dir", str(out)])  # fmt: skip
+                   "--mmlu_dir", str(ws / "mmlu"), "--generate", "false", "--allow_training_rows", "true",
+                   "--output_dir", str(out)])  # fmt: skip
         assert rc == 0
         record = json.loads((out / "eval.json").read_text())
         assert record["adapter"] == str(ws / adapter) and record["compare_base"] is True

@@ -207,3 +207,33 @@ def test_write_report_percentage_uneven(tmp_path):
     text = write_report(tmp_path / "r.md", {"trainable_params": 1, "all_layer_trainable_params": 3})
     assert "1 (33.3% of all-layer LoRA's 3)" in text
     assert "% of" not in write_report(tmp_path / "r2.md", {"trainable_params": 5})
+
+
+def test_a_one_step_run_draws_a_visible_point_and_a_long_run_a_smoothed_curve(tmp_path):
+    one = plot_loss([{"loss": 2.0, "step": 1}, {"eval_loss": 2.4, "step": 0}, {"eval_loss": 1.9, "step": 1}],
+                    tmp_path / "one.png")  # fmt: skip
+    _assert_png(tmp_path / "one.png")
+    lines = {line.get_label(): line for line in one.axes[0].get_lines()}
+    assert lines["train loss"].get_marker() == "o" and len(lines["train loss"].get_xdata()) == 1
+    assert len(lines["held-out loss"].get_xdata()) == 2
+    assert one.axes[0].get_title() == "Training and held-out loss"
+    many = [{"loss": 3.0 + (0.3 if k % 2 else 0.0), "step": 1 + 10 * k} for k in range(10_000)]
+    fig = plot_loss(many, tmp_path / "many.png")
+    smooth = next(line for line in fig.axes[0].get_lines() if "moving average" in line.get_label())
+    ys = list(smooth.get_ydata())
+    assert max(ys[10:-10]) - min(ys[10:-10]) < 0.2  # the 0.3 zig-zag is averaged out
+
+
+def test_speed_line_never_shows_a_bare_h200_prediction_on_another_machine():
+    from aletheia_lora.report import speed_line
+
+    cpu = speed_line(1.8, None, 2.47, "cpu")
+    assert (
+        "measured 2.47 s/step" in cpu
+        and "not fitted to this machine (cpu)" in cpu
+        and "--calibrate_cost" in cpu
+    )
+    calibrated = speed_line(1.3, {"points": [1, 2, 3]}, 2.0, "cpu")
+    assert "calibrated on this machine" in calibrated and "not fitted" not in calibrated
+    gpu = speed_line(1.8, None, 0.2, "cuda:0")
+    assert "fitted on an H200" in gpu and "measured 0.200 s/step" in gpu

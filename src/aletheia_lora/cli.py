@@ -91,10 +91,68 @@ def _config_file_args(argv: list[str]) -> list[str]:
     return flags + argv[:i] + argv[i + 2 :]
 
 
-def _parse(types, argv: list[str], prog: str):
-    from transformers import HfArgumentParser
+# Headings of the argument groups in --help, by settings class; the TrainingArguments pass-through last.
+GROUPS = {
+    "ModelSettings": "model",
+    "DataSettings": "data",
+    "AletheiaConfigFlags": "probe, selection and LoRA",
+    "AletheiaConfig": "probe, selection and LoRA",
+    "RunSettings": "output",
+    "OutputDirSettings": "output",
+    "BenchArguments": "bench",
+    "StudyArguments": "study",
+    "EvalArguments": "eval",
+}
+TRAINING_ARGUMENTS_GROUP = (
+    "transformers.TrainingArguments (passed through to the Trainer; every field is a flag: "
+    "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments)"
+)
 
-    parser = HfArgumentParser(types, prog=prog)
+
+def _help_formatter():
+    import argparse
+
+    class Formatter(argparse.HelpFormatter):
+        """One line of help a flag, its default once (never after a help text that names its own)."""
+
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if (
+                "default" in text
+                or action.default in (None, argparse.SUPPRESS)
+                or action.option_strings[0].startswith("--no_")
+            ):
+                return text
+            return f"{text} (default: %(default)s)"
+
+    return Formatter
+
+
+def _parser(types, prog: str):
+    """``HfArgumentParser`` over ``types``: a short usage line, each settings class under its heading
+    (the project's own flags first, TrainingArguments last), ``--no_X`` flags described as what they do."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    for cls in types:  # HfArgumentParser puts a class with _argument_group_name under that heading
+        if issubclass(cls, TrainingArguments):
+            cls._argument_group_name = TRAINING_ARGUMENTS_GROUP
+        elif cls.__name__ in GROUPS:
+            cls._argument_group_name = GROUPS[cls.__name__]
+    parser = HfArgumentParser(
+        types,
+        prog=prog,
+        usage=f"{prog} [--flag VALUE ...] [--config FILE.yaml]   (--help lists every flag by group)",
+        formatter_class=_help_formatter(),
+    )
+    for action in parser._actions:  # argparse has no public API to edit an added argument's help
+        name = action.option_strings[0] if action.option_strings else ""
+        if name.startswith("--no_"):
+            action.help = f"Turn off --{name[5:]} (same as --{name[5:]} false)."
+    return parser
+
+
+def _parse(types, argv: list[str], prog: str):
+    parser = _parser(types, prog)
     try:
         return parser.parse_args_into_dataclasses(args=_config_file_args(argv))
     except ValueError as err:  # "Some specified arguments are not used by the HfArgumentParser"
@@ -184,7 +242,7 @@ def demo(argv: list[str]) -> int:
 
 
 def _print_summary(result: dict) -> None:
-    from .report import cost_model_note, terminal_bar_chart
+    from .report import checkpoints_text, exact_match_note, speed_line, terminal_bar_chart
 
     plan = result["plan_object"]
     print()
@@ -192,21 +250,27 @@ def _print_summary(result: dict) -> None:
     print()
     print(
         f"trainable parameters: {plan.trainable_params:,} "
-        f"({plan.trainable_fraction:.0%} of all-layer LoRA's {plan.all_layer_trainable_params:,}); "
-        f"predicted step speedup {plan.predicted_speedup:.2f}x ({cost_model_note(plan.calibration)})"
+        f"({plan.trainable_fraction:.0%} of all-layer LoRA's {plan.all_layer_trainable_params:,})"
     )
-    if result.get("train_seconds_per_step"):
-        print(f"probe {plan.probe_seconds:.1f} s; training {result['train_seconds_per_step']:.2f} s/step "
-              f"over {result['train_steps']} steps")  # fmt: skip
+    speed = speed_line(plan.predicted_speedup, plan.calibration, result.get("train_seconds_per_step"),
+                       result.get("device"))  # fmt: skip
+    print(f"probe {plan.probe_seconds:.1f} s; {result['train_steps']} steps; {speed}")
     before, after = result["metrics_before"], result["metrics_after"]
     for key in ("eval_loss", "exact_match"):
         if key in before:
             print(f"held-out {key}: {before[key]:.4f} -> {after[key]:.4f}")
+    note = exact_match_note(after)
+    if note:
+        print(f"  ({note})")
     for ex in after.get("examples", [])[:2]:
         print(
             f"  Q: {ex['question']}\n  A: {ex['output']!r} (gold {ex['gold']}, {'ok' if ex['correct'] else 'wrong'})"
         )
     print(f"\nwrote {', '.join(result['files'])} to {result['output_dir']}")
+    if result.get("checkpoints"):
+        print(
+            f"kept {checkpoints_text(result['checkpoints'])} to resume from (--save_total_limit sets how many)"
+        )
 
 
 def _report_command(name: str, types, runner, argv: list[str]) -> int:
@@ -249,7 +313,14 @@ def study(argv: list[str]) -> int:
     return _report_command("study", StudyArguments, run_study, argv)
 
 
-COMMANDS = {"probe": probe, "train": train, "demo": demo, "bench": bench, "eval": evaluate, "study": study}
+COMMANDS = {
+    "probe": probe,
+    "train": train,
+    "demo": demo,
+    "bench": bench,
+    "eval": evaluate,
+    "study": study,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

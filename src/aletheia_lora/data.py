@@ -54,7 +54,7 @@ _ALIASES = {
 }
 _EXPECTED = (
     "expected one of the formats text / prompt+completion / question+answer / messages / "
-    "instruction+input+output, or pass format=..."
+    "instruction+input+output, or name the format (--format on the command line, format= in Python)"
 )
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _EVAL_SPLITS = ("test", "eval", "validation", "valid", "dev")
@@ -586,7 +586,7 @@ def _load_hub(name: str, split: str, max_rows: int | None) -> list[dict]:
     hint = (
         f"Download it on a machine with internet access and save it with "
         f"datasets.load_dataset({repo!r}).save_to_disk('./my-data') (or export a .jsonl), then pass that "
-        f"path; or pass data=None for the embedded arithmetic task."
+        f"path; or leave the data out (omit --data; data=None in Python) for the embedded arithmetic task."
     )
     switch = offline_switch("HF_DATASETS_OFFLINE")
     # `datasets` reads its offline switch at import; when it will go online, check the Hub answers
@@ -649,7 +649,8 @@ def load_data(
     if looks_like_path(name) or local.suffix.lower() in DATA_SUFFIXES:
         raise FileNotFoundError(
             f"no such data file or folder: {str(local)!r}. Pass an existing .jsonl/.json/.csv/.parquet file, "
-            f"a datasets.save_to_disk folder, a Hub dataset id, or None for the embedded arithmetic task."
+            f"a datasets.save_to_disk folder, a Hub dataset id, or leave it out (omit --data; None in Python) for the "
+            f"embedded arithmetic task."
         )
     return _load_hub(name, split, max_rows)
 

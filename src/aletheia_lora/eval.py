@@ -6,6 +6,7 @@ the base model, with the adapter disabled), and writes ``eval.json`` and ``eval.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -16,12 +17,13 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from .data import MissingSplitError, load_data, load_rows
 from .io import atomic_write_text
 from .models import load_model
 from .report import render_table
-from .runs import check_output_dir, default_output_dir, versions
-from .settings import DTYPES, ModelSettings, OutputDirSettings
-from .suites import prepare_inputs, resolve_suites, run_suites
+from .runs import check_output_dir, default_output_dir, read_run_record, versions
+from .settings import DTYPES, DataSettings, ModelSettings, OutputDirSettings
+from .suites import TaskRows, prepare_inputs, resolve_suites, run_suites, sample
 
 
 @dataclass(kw_only=True)
@@ -37,8 +39,15 @@ class EvalArguments(ModelSettings, OutputDirSettings):
     )  # fmt: skip
     data: str | None = field(
         default=None,
-        metadata={"help": "Task data (its test split, else all rows); empty: the embedded task."},
-    )
+        metadata={"help": "Task data: its test split (else every row, refused with an --adapter unless "
+                  "--allow_training_rows). Omit it: the held-out rows of the adapter's run (its aletheia.json), "
+                  "else the embedded task."},
+    )  # fmt: skip
+    allow_training_rows: bool = field(
+        default=False,
+        metadata={"help": "Score every row of --data when it has no test split, even rows the adapter may have "
+                  "trained on."},
+    )  # fmt: skip
     text: str | None = field(
         default=None, metadata={"help": "English text file for general_text (default: pydoc_data.topics)."}
     )
@@ -56,7 +65,12 @@ class EvalArguments(ModelSettings, OutputDirSettings):
     )
     seed: int = field(default=0, metadata={"help": "Seed of the --limit shuffle."})
     max_length: int = field(default=512, metadata={"help": "Tokens per example / general_text window."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget for exact match."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Generation budget for exact match (default: from the gold answers: at least 256 "
+                  "new tokens, 4x the longest answer; humaneval_exec 256). Generation stops at EOS or a complete "
+                  "'#### <number>' either way; answers that hit the budget are counted."},
+    )  # fmt: skip
     batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
     lm_eval_tasks: list[str] = field(
         default_factory=list,
@@ -86,7 +100,8 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return {
         k: v
         for k, v in metrics.items()
-        if k not in ("n", "tokens", "samples") and isinstance(v, (int, float))
+        if k not in ("n", "tokens", "samples", "exact_match_n", "max_new_tokens")
+        and isinstance(v, (int, float))
     }
 
 
@@ -119,6 +134,70 @@ def markdown_table(results: dict[str, dict]) -> str:
     return render_table(head, rows) + "\n"
 
 
+def _data_settings(recorded: dict[str, Any]) -> DataSettings:
+    known = {f.name for f in dataclasses.fields(DataSettings)}
+    return DataSettings(**{k: v for k, v in recorded.items() if k in known})
+
+
+def resolve_task(
+    *,
+    data: str | None,
+    adapter: str | None,
+    limit: int | None = None,
+    seed: int = 0,
+    generate: bool = True,
+    max_length: int = 512,
+    max_new_tokens: int | None = None,
+    allow_training_rows: bool = False,
+) -> TaskRows:
+    """Which rows the task suite scores, and how it says so.
+
+    * an adapter written by ``train`` (its folder holds ``aletheia.json``) and no ``data``, or
+      ``data`` equal to the run's: the run's own held-out rows, tokenized as the run tokenized them,
+      exact match on the first ``eval_generate`` of them (what ``train`` reported);
+    * ``data`` with a test split: that split;
+    * ``data`` without one: every row, but only without an adapter or with ``allow_training_rows``
+      (they may include the rows the adapter trained on);
+    * neither: the embedded arithmetic task's test split.
+
+    ``limit`` keeps a seeded sample of the rows (exact match on all of them).
+    """
+    run = read_run_record(adapter) if adapter else None
+    recorded = (run or {}).get("settings", {}).get("data")
+    if recorded is not None and (data is None or data == recorded.get("data")):
+        settings = _data_settings(recorded)
+        _, rows = load_rows(settings, run.get("seed", 0))
+        try:
+            load_data(settings.data, split="test", max_rows=1)
+            split = "test split (as the adapter's run read it)"
+        except MissingSplitError:
+            split = f"held-out {settings.eval_fraction:.0%} of its rows, as the adapter's run split them"
+        task = TaskRows(rows, settings.data or "the embedded arithmetic task", split, settings.max_length,
+                        settings.completion_only_loss, settings.format, settings.eval_generate)  # fmt: skip
+    else:
+        name = data or "the embedded arithmetic task"
+        try:
+            task = TaskRows(load_data(data, split="test"), name, "test split", max_length)
+        except MissingSplitError:
+            if adapter and not allow_training_rows:
+                raise ValueError(
+                    f"--data {data!r} has no test split, and the adapter's run does not say which of its rows "
+                    f"were held out, so scoring them could score the rows the adapter trained on. Omit --data "
+                    f"to score the held-out rows of the adapter's run, pass data with a test split, or pass "
+                    f"--allow_training_rows true to score every row anyway."
+                ) from None
+            task = TaskRows(
+                load_data(data, split="train"), name, "every row (it has no test split)", max_length
+            )
+    if limit is not None:
+        task.rows, task.generate = sample(task.rows, limit, seed), None
+        task.split += f", a sample of {len(task.rows)} (seed {seed})"
+    if not generate:
+        task.generate = 0
+    task.max_new_tokens = max_new_tokens
+    return task
+
+
 def eval_job(
     *,
     output_dir: str | None = None,
@@ -129,6 +208,7 @@ def eval_job(
     compare_base: bool = False,
     trust_remote_code: bool = False,
     dtype: str | None = None,
+    allow_training_rows: bool = False,
     log=None,
     **settings: Any,
 ) -> dict[str, Any]:
@@ -138,8 +218,9 @@ def eval_job(
     ``gsm8k``, ``gsm8k_generate``, ``generate``, ``limit``, ``seed``, ``max_length``,
     ``max_new_tokens``, ``batch_size``, ``allow_code_execution``, ``humaneval_samples``, and
     ``lm_eval_tasks`` / ``lm_eval_include`` / ``lm_eval_fewshot`` (lm-evaluation-harness tasks run on
-    the in-memory model, reported as suites ``lm_eval:<task>``). Returns the eval.json record plus ``"table"`` (markdown),
-    ``"files"`` and ``"output_dir"``.
+    the in-memory model, reported as suites ``lm_eval:<task>``). The task suite's rows come from
+    :func:`resolve_task`; with an adapter from ``train`` and no ``model``, the run's base model is
+    loaded. Returns the eval.json record plus ``"table"`` (markdown), ``"files"`` and ``"output_dir"``.
     """
     if compare_base and not adapter:
         raise ValueError("--compare_base needs --adapter (the base model is the model without it)")
@@ -154,7 +235,18 @@ def eval_job(
     )
     log = log or (lambda line: None)
     start = time.perf_counter()
-    inputs = prepare_inputs(names, settings)
+    run = read_run_record(adapter) if adapter else None
+    if model is None and run is not None:
+        model = (run.get("settings", {}).get("model") or {}).get("model")
+    task = None
+    if "task" in names:
+        task = resolve_task(
+            data=settings.get("data"), adapter=adapter, limit=settings.get("limit"), seed=settings.get("seed", 0),
+            generate=settings.get("generate", True), max_length=settings.get("max_length", 512),
+            max_new_tokens=settings.get("max_new_tokens"), allow_training_rows=allow_training_rows,
+        )  # fmt: skip
+        log(f"task: {task.describe()}")
+    inputs = prepare_inputs(names, {**settings, "task": task})
     device = "cuda" if torch.cuda.is_available() else None
     net, tokenizer = load_model(
         model, device=device, dtype=DTYPES.get(dtype), trust_remote_code=trust_remote_code
@@ -166,23 +258,53 @@ def eval_job(
         f"evaluating {', '.join(names)} on {model or 'the embedded model'}"
         + (f" + {adapter}" if adapter else "")
     )
-    results = run_suites(net, tokenizer, inputs, settings)
+    results = run_suites(net, tokenizer, inputs, settings, log=log, label="adapter: " if compare_base else "")
     if compare_base:
         with net.disable_adapter() if adapter else nullcontext():
-            base = run_suites(net, tokenizer, inputs, settings)
+            base = run_suites(net, tokenizer, inputs, settings, log=log, label="base: ")
         results = with_deltas(results, base)
+    task_info = (
+        {"dataset": task.dataset, "split": task.split, "rows": len(task.rows), "max_length": task.max_length,
+         "exact_match_rows": len(task.rows) if task.generate is None else min(task.generate, len(task.rows))}
+        if task is not None else None
+    )  # fmt: skip
     record = {
         "suites": results,
         "model": model or "embedded",
         "adapter": adapter,
         "compare_base": compare_base,
+        "task_data": task_info,
         "settings": {"suites": names, **settings},
         "seconds": time.perf_counter() - start,
         "versions": versions(),
     }
     table = markdown_table(results)
     title = f"# Evaluation of {record['model']}" + (f" + adapter {adapter}" if adapter else "")
+    notes = _notes(results, task)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(record, indent=2, default=str) + "\n")
-    atomic_write_text(out / "eval.md", f"{title}\n\n{table}")
-    return {**record, "table": table, "files": ["eval.json", "eval.md"], "output_dir": str(out)}
+    atomic_write_text(out / "eval.md", f"{title}\n\n" + "".join(f"- {n}\n" for n in notes) + f"\n{table}")
+    return {
+        **record,
+        "table": table,
+        "notes": notes,
+        "files": ["eval.json", "eval.md"],
+        "output_dir": str(out),
+    }
+
+
+def _notes(results: dict[str, dict], task: TaskRows | None) -> list[str]:
+    """What a reader of the table needs to know: the task's rows, and how exact match was scored."""
+    notes = []
+    if task is not None:
+        notes.append(f"task data: {task.describe()}")
+        metrics = results.get("task", {})
+        if "exact_match" in metrics:
+            notes.append(
+                f"task exact match: greedy answers to {metrics['exact_match_n']} questions, compared on the final "
+                f"number; generation stops at EOS or a complete '#### <number>', at most "
+                f"{metrics['max_new_tokens']} new tokens; {metrics['cut_off']} answer(s) hit that limit unfinished"
+            )
+        elif metrics.get("exact_match_skipped"):
+            notes.append(f"task exact match not scored: {metrics['exact_match_skipped']}")
+    return notes

@@ -222,7 +222,7 @@ def _from_hub(name: str, kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTr
                 f"model {name!r} is not a local folder and is not in the Hugging Face cache, and it cannot be "
                 f"downloaded: {reason}. Download it on a machine with internet access "
                 f"(e.g. `hf download {name} --local-dir ./my-model`) and pass the folder path instead "
-                f"(e.g. ./my-model), or use the embedded default model ('{EMBEDDED_NAME}' or None)."
+                f"(e.g. ./my-model), or use the embedded default model (omit --model; None in Python)."
             ) from err
         raise OSError(
             f"could not load model {name!r} from the Hugging Face Hub ({err}). Check the id, or pass a local "

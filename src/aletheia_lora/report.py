@@ -231,7 +231,8 @@ def plot_layer_scores(
                 if i in chosen:
                     ax.axvspan(i - 0.5, i + 0.5, color=_SELECTED_COLOUR, alpha=0.18, lw=0, zorder=0)
             handles.append(Patch(color=_SELECTED_COLOUR, alpha=0.35, label="selected layer (band)"))
-        handles.append(Patch(color=_UNSELECTED_COLOUR, alpha=0.5, label="faded = not selected"))
+        first = _ROLE_COLOURS.get(names[0], "#64B5CD") if names else _UNSELECTED_COLOUR
+        handles.append(Patch(color=first, alpha=0.35, label="faded bar = not selected"))
     else:
         colours = [_SELECTED_COLOUR if s else _UNSELECTED_COLOUR for s in is_sel]
         ax.bar(layers, [float(scores[i]) for i in layers], color=colours, width=0.8)
@@ -251,8 +252,21 @@ def plot_layer_scores(
     save_png(fig, path)
 
 
-def plot_loss(log_history: list[dict], path: str | os.PathLike) -> None:
-    """Write a PNG of train and eval loss against step.
+def _smooth(values: list[float]) -> list[float]:
+    """A centred moving average over about 2% of the points (at least 5), for long runs."""
+    half = max(2, len(values) // 100)
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half) : i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def plot_loss(log_history: list[dict], path: str | os.PathLike) -> Any:
+    """Write a PNG of train and held-out loss against step; return the matplotlib Figure.
+
+    Up to 50 training points each get a marker (a one-step run is one visible dot); more get a
+    faint raw curve under a moving average. Held-out points are squares.
 
     ``log_history`` is ``transformers.Trainer.state.log_history``: train entries carry
     ``loss`` and ``step``, eval entries ``eval_loss`` and ``step``. With no loss entries the
@@ -278,17 +292,22 @@ def plot_loss(log_history: list[dict], path: str | os.PathLike) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     else:
-        if train_x:
-            marker = "o" if len(train_x) <= 30 else None  # a lone point would be invisible as a line
-            ax.plot(train_x, train_y, label="train loss", color="#4C72B0", lw=1.5, marker=marker, ms=3)
+        if train_x and len(train_x) <= 50:  # few points: each one marked (a lone point is still visible)
+            ax.plot(train_x, train_y, label="train loss", color="#4C72B0", lw=1.5, marker="o", ms=4)
+        elif train_x:  # many: the raw curve faint, a moving average over it
+            ax.plot(train_x, train_y, color="#4C72B0", lw=0.6, alpha=0.3, label="train loss")
+            ax.plot(train_x, _smooth(train_y), color="#4C72B0", lw=1.8, label="train loss (moving average)")
         if eval_x:
-            ax.plot(eval_x, eval_y, label="eval loss", color="#DD8452", lw=1.5, marker="o", ms=4)
+            ax.plot(eval_x, eval_y, label="held-out loss", color="#DD8452", lw=1.5, marker="s", ms=6)
+        if len(set(train_x + eval_x)) == 1:  # one step: give the point some room
+            ax.set_xlim(train_x[0] - 1 if train_x else eval_x[0] - 1, (train_x or eval_x)[0] + 1)
         ax.legend()
         ax.grid(alpha=0.3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("Training loss")
+    ax.set_title("Training and held-out loss")
     save_png(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- markdown
@@ -312,6 +331,56 @@ def _params_text(n: Any, total: Any) -> str:
         pct = 100.0 * n / total
         text += f" ({significant(pct, 3)}% of all-layer LoRA's {int(total):,})"
     return text
+
+
+STEP_STATISTIC = "median over the run's steps, the first (warm-up) step excluded"
+
+
+def speed_line(
+    predicted: float | None,
+    calibration: Mapping[str, Any] | None,
+    seconds_per_step: float | None,
+    device: str | None = None,
+) -> str:
+    """The speed of a run, true where it is printed: the measured seconds per step, and the predicted
+    speedup over all-layer LoRA only with where its cost model comes from (an H200's costs are not
+    this machine's, and a bare H200 figure on a CPU would mislead)."""
+    parts = []
+    if _is_number(seconds_per_step):
+        parts.append(f"measured {significant(seconds_per_step, 3)} s/step ({STEP_STATISTIC})")
+    if _is_number(predicted):
+        if calibration and calibration.get("points"):
+            parts.append(
+                f"predicted {predicted:.2f}x faster per step than all-layer LoRA ({cost_model_note(calibration)})"
+            )
+        elif device is not None and "cuda" not in str(device):
+            parts.append(
+                f"on an H200 the cost model predicts {predicted:.2f}x over all-layer LoRA; it was not fitted to "
+                f"this machine ({device}): --calibrate_cost true fits it here, `aletheia-lora bench` measures it"
+            )
+        else:
+            parts.append(
+                f"predicted {predicted:.2f}x faster per step than all-layer LoRA ({cost_model_note(calibration)})"
+            )
+    return "; ".join(parts)
+
+
+def exact_match_note(metrics: Mapping[str, Any]) -> str | None:
+    """How exact match was scored (or why not), for the reports."""
+    if "exact_match" in metrics:
+        return (
+            f"exact match: greedy answers to {metrics.get('exact_match_n')} held-out questions, compared on the "
+            f"final number; generation stops at EOS or a complete '#### <number>', at most "
+            f"{metrics.get('max_new_tokens')} new tokens; {metrics.get('cut_off', 0)} answer(s) hit the limit unfinished"
+        )
+    if metrics.get("exact_match_skipped"):
+        return f"exact match not scored: {metrics['exact_match_skipped']}"
+    return None
+
+
+def checkpoints_text(checkpoints: Iterable[Mapping[str, Any]]) -> str:
+    """``checkpoint-60 (81 MB)``, for the 'wrote' line and the report."""
+    return ", ".join(f"{c['folder']}/ ({c['bytes'] / 1e6:,.0f} MB)" for c in checkpoints)
 
 
 def cost_model_note(calibration: Mapping[str, Any] | None) -> str:
@@ -352,16 +421,19 @@ def _summary_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     if _is_number(info.get("predicted_speedup")):
         rows.append(
             (
-                "predicted step speedup vs all-layer LoRA",
-                f"{info['predicted_speedup']:.2f}x ({cost_model_note(info.get('calibration'))})",
+                "speed",
+                speed_line(info["predicted_speedup"], info.get("calibration"), info.get("train_seconds_per_step"),
+                           info.get("device")),
             )
-        )
+        )  # fmt: skip
     probe = info.get("probe") if isinstance(info.get("probe"), Mapping) else {}
     probe_s = info.get("probe_seconds", probe.get("seconds"))
     if _is_number(probe_s):
         rows.append(("probe time", f"{significant(probe_s, 3)} s"))
     if _is_number(info.get("train_seconds_per_step")):
-        rows.append(("seconds per step", f"{significant(info['train_seconds_per_step'], 3)} s"))
+        rows.append(
+            ("seconds per step", f"{significant(info['train_seconds_per_step'], 3)} s ({STEP_STATISTIC})")
+        )
     steps = info.get("steps", info.get("max_steps"))
     if steps is not None:
         rows.append(("steps", _fmt(steps)))
@@ -404,6 +476,8 @@ def write_report(path: str | os.PathLike, info: dict) -> str:
     if before or after:
         lines += ["## Metrics before / after training", ""]
         lines += [*table_lines(("metric", "before", "after", "change"), _metric_rows(before, after)), ""]
+        if info.get("exact_match_note"):
+            lines += [f"How: {info['exact_match_note']}.", ""]
 
     scores = _int_keys(info["scores"]) if isinstance(info.get("scores"), Mapping) else {}
     if scores:
@@ -420,6 +494,9 @@ def write_report(path: str | os.PathLike, info: dict) -> str:
     files = info.get("files")
     if files:
         lines += ["## Files", "", *[f"- `{f}`" for f in files], ""]
+    if info.get("checkpoints"):
+        lines += [f"Checkpoints kept (to resume from; `--save_total_limit` sets how many): "
+                  f"{checkpoints_text(info['checkpoints'])}.", ""]  # fmt: skip
 
     text = "\n".join(lines).rstrip("\n") + "\n"
     atomic_write_text(path, text)

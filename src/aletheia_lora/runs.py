@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -16,6 +17,16 @@ import torch
 
 from . import __version__
 from .io import current_umask
+
+PLAN_FILE = "aletheia.json"  # what `train` writes beside the adapter: the plan, the settings, the metrics
+
+
+def read_run_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``aletheia.json`` record of a ``train`` run folder, or ``None`` if it has none."""
+    path = Path(folder) / PLAN_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def default_output_dir(command: str) -> str:
@@ -110,4 +121,13 @@ def save_adapter(peft_model, output_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["check_output_dir", "default_output_dir", "hardware", "max_rss", "save_adapter", "versions"]
+__all__ = [
+    "PLAN_FILE",
+    "read_run_record",
+    "check_output_dir",
+    "default_output_dir",
+    "hardware",
+    "max_rss",
+    "save_adapter",
+    "versions",
+]

