@@ -35,16 +35,18 @@ WORK = {
     "code_exec",
     "data",
     "evaluation",
+    "finetune",
     "lm_eval_bridge",
     "models",
     "plan",
     "report",
     "runs",
     "settings",
+    "stats",
     "suites",
     "timing",
 }
-COMMANDS = {"train", "bench", "study", "eval", "cli", "__main__"}
+COMMANDS = {"train", "bench", "study", "oracle", "eval", "cli", "__main__"}
 FLOOR = {**dict.fromkeys(METHOD, 0), **dict.fromkeys(WORK, 1), **dict.fromkeys(COMMANDS, 2)}
 # The CLI imports each command when it is asked for, so `aletheia-lora` answers without torch.
 LAZY_SIBLING_IMPORTS_ALLOWED = {"cli", "__init__"}

@@ -177,3 +177,19 @@ def test_copy_and_pickle_keep_everything(probed):
         assert clone == probed
         assert clone.modules == probed.modules
         assert clone.meta == probed.meta
+
+
+def test_signals_are_normalised_compared_and_round_tripped():
+    signals = {"grad-norm": {"1": 2, 0: 1.5}, "relative": {0: 0.25, 1: 0.5}}
+    scores = LayerScores({0: 1.5, 1: 2.0}, meta={"score": "grad-norm"}, signals=signals)
+    assert scores.signals == {"grad-norm": {0: 1.5, 1: 2.0}, "relative": {0: 0.25, 1: 0.5}}
+    assert type(scores.signals["grad-norm"][1]) is float
+    signals["relative"][0] = 99.0
+    assert scores.signals["relative"][0] == 0.25  # not shared with the caller
+    assert LayerScores.from_json(scores.to_json()) == scores
+    assert scores != LayerScores({0: 1.5, 1: 2.0}, meta={"score": "grad-norm"})
+    relative = scores.with_score("relative")
+    assert dict(relative) == {0: 0.25, 1: 0.5} and relative.meta == {"score": "relative"}
+    with pytest.raises(ValueError, match="lora-energy"):
+        scores.with_score("lora-energy")
+    assert "signals" not in LayerScores({0: 1.0}).to_dict()  # hand-made scores keep the old format

@@ -5,20 +5,27 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from pathlib import Path
 
 import pytest
 from conftest import WORDS, qa_rows, tiny_model, word_tokenizer, write_jsonl
 
+import aletheia_lora.study as study_module
+from aletheia_lora import finetune
 from aletheia_lora.cli import main
+from aletheia_lora.stats import blocked_difference, blocked_permutation_pvalue, matched_random
 from aletheia_lora.study import (
     ARMS,
     StudyArguments,
     _answer_lines,
     answers,
     batch_order,
+    controls_table,
     markdown_table,
+    matched_comparison,
     run_study,
+    seed_answers,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,6 +36,8 @@ def ws(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("study")
     tiny_model("llama", num_layers=4).save_pretrained(root / "model")
     word_tokenizer().save_pretrained(root / "model")
+    tiny_model("llama", num_layers=6).save_pretrained(root / "model6")
+    word_tokenizer().save_pretrained(root / "model6")
     (root / "gsm8k").mkdir()
     write_jsonl(root / "gsm8k" / "train.jsonl", qa_rows(30, seed=0))
     write_jsonl(root / "gsm8k" / "test.jsonl", qa_rows(6, seed=1))
@@ -45,6 +54,7 @@ def _args(ws: Path, out: Path, **kw) -> StudyArguments:
         gsm8k_dir=str(ws / "gsm8k"), output_dir=str(out), model=str(ws / "model"), mmlu_dir=str(ws / "mmlu"),
         text=str(ws / "text.txt"), steps=3, batch_size=2, time_rounds=2, time_steps=1, max_length=32, probe_batches=2, test_limit=4,
         exact_match=2, max_new_tokens=3, text_windows=2, humaneval_limit=0, eval_max_length=32, quiet=True,
+        controls=0,
     )  # fmt: skip
     return StudyArguments(**(settings | kw))
 
@@ -89,22 +99,31 @@ def test_selections_have_the_budget_and_the_named_shape(study):
     assert arms["random-1"]["selected_layers"] != arms["random-2"]["selected_layers"]
 
 
+def _timed(timing: dict, arm: dict) -> float:
+    """The side-by-side step time of ``arm``'s layers and ranks."""
+    config = [arm["selected_layers"], arm["attention_r"], arm["mlp_r"]]
+    return timing["median_seconds"][next(k for k, v in timing["configs"].items() if v == config)]
+
+
 def test_arms_are_timed_side_by_side_and_speedups_come_from_that(study):
     timing = study["timing"]
-    trained = [a["arm"] for a in study["arms"] if a["arm"] != "lora-all-equal-time"]
-    assert list(timing["step_seconds"]) == trained
+    trained = [a for a in study["arms"] if a["arm"] != "lora-all-equal-time"]
+    # each distinct selection once, under the first arm that has it (arms with the same layers share it)
+    configs = [[a["selected_layers"], a["attention_r"], a["mlp_r"]] for a in trained]
+    assert list(timing["configs"].values()) == [c for i, c in enumerate(configs) if c not in configs[:i]]
+    assert set(timing["configs"]) <= {a["arm"] for a in trained} and "lora-all" in timing["configs"]
     assert all(
         len(t) == timing["rounds"] * timing["steps_per_round"] == 2 for t in timing["step_seconds"].values()
     )
     med = timing["median_seconds"]
     for a in study["arms"]:
-        own = med["lora-all" if a["arm"] == "lora-all-equal-time" else a["arm"]]
-        assert a["measured_speedup"] == pytest.approx(med["lora-all"] / own)
+        assert a["measured_speedup"] == pytest.approx(med["lora-all"] / _timed(timing, a))
 
 
 def test_equal_time_arm_gets_the_steps_that_fit_in_tops_wall_clock(study):
     arms, med = {a["arm"]: a for a in study["arms"]}, study["timing"]["median_seconds"]
-    expected = math.floor((arms["top"]["probe_seconds"] + 3 * med["top"]) / med["lora-all"])
+    top = _timed(study["timing"], arms["top"])
+    expected = math.floor((arms["top"]["probe_seconds"] + 3 * top) / med["lora-all"])
     assert arms["lora-all-equal-time"]["steps"] == max(1, min(expected, 2 * 3))
 
 
@@ -182,7 +201,8 @@ def test_resume_keeps_finished_arms_and_refuses_other_settings(ws, tmp_path):
     with pytest.raises(ValueError, match="other settings.*steps"):
         run_study(_args(ws, out, arms=["last"], steps=4, resume=True), log=lambda *a: None)
     # timing settings are not results: a resume may change them, and re-times when arms were added
-    assert set(again["timing"]["median_seconds"]) == {"lora-all", "last", "random-1"}
+    assert all(_timed(again["timing"], a) > 0 for a in again["arms"])
+    assert set(again["timing"]["median_seconds"]) <= {"lora-all", "last", "random-1"}
     third = run_study(
         _args(ws, out, arms=["last", "random-1"], time_rounds=1, resume=True), log=lambda *a: None
     )
@@ -223,3 +243,233 @@ def test_cli_prints_the_table(ws, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.strip() == markdown_table(json.loads((out / "study.json").read_text())).strip()
+
+
+# --------------------------------------------------------------------------- seeds and matched controls
+
+SEEDS = [0, 1, 2]
+
+
+def _seeded_args(ws: Path, out: Path, **kw) -> StudyArguments:
+    """The 6-layer model (3-layer budget), cheap evaluation: a few seconds per run."""
+    settings = dict(model=str(ws / "model6"), mmlu_dir=None, exact_match=0, text_windows=1, time_rounds=1)
+    return _args(ws, out, **(settings | kw))
+
+
+@pytest.fixture(scope="module")
+def seeded(ws, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("seeded") / "study"
+    args = _seeded_args(ws, out, arms=["top", "lora-all-equal-time"], seeds=SEEDS, controls=2)
+    return run_study(args, log=lambda *a: None)
+
+
+def _runs(record: dict, name: str) -> dict[int, dict]:
+    return {a["seed"]: a for a in record["arms"] if a["arm"] == name}
+
+
+def test_every_arm_runs_once_per_seed_and_the_report_gives_mean_sd_and_n(seeded):
+    pairs = [(a["arm"], a["seed"]) for a in seeded["arms"]]
+    assert sorted(pairs) == sorted((n, s) for n in ("lora-all", "top", "lora-all-equal-time") for s in SEEDS)
+    # within a seed every run starts from the same model on the same first batch; the seeds' batches differ
+    by_seed = {s: {round(a["first_loss"], 5) for a in seeded["arms"] if a["seed"] == s} for s in SEEDS}
+    assert all(len(v) == 1 for v in by_seed.values()) and len(set().union(*by_seed.values())) > 1
+    assert set(seeded["scores_by_seed"]) == {"0", "1", "2"} and seeded["seeds"] == SEEDS
+    nll = seeded["across_seeds"]["top"]["gsm8k_nll"]
+    values = [_runs(seeded, "top")[s]["metrics"]["gsm8k_nll"] for s in SEEDS]
+    assert nll["values"] == {str(s): v for s, v in zip(SEEDS, values)} and nll["n"] == 3
+    assert nll["mean"] == pytest.approx(statistics.fmean(values)) and nll["sd"] == pytest.approx(
+        statistics.stdev(values)
+    )
+    md = (Path(seeded["output_dir"]) / "study.md").read_text()
+    assert "## Across seeds" in md and "seeds 0, 1, 2 (evaluation items from seed 0)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| **top** | 3 |"))
+    assert f"{nll['mean']:.4f}" in row and f"{nll['sd']:.4f}" in row and f"2: {values[2]:.4f}" in row
+    assert "| **top** | 1 |" in md  # the run table has a seed column
+
+
+def test_controls_are_cost_matched_seeded_and_recorded(seeded):
+    tops = _runs(seeded, "top")
+    assert all(tops[s]["selected_layers"] != [3, 4, 5] for s in SEEDS), (
+        "top picked the last layers: no control"
+    )
+    controls = seeded["controls"]
+    assert sorted((c["seed"], c["draw"]) for c in controls) == [(s, d) for s in SEEDS for d in (0, 1)]
+    for c in controls:
+        parent = tops[c["seed"]]
+        assert c["arm"] == "top" and c["arm_layers"] == parent["selected_layers"]
+        assert len(c["selected_layers"]) == len(parent["selected_layers"])
+        assert min(c["selected_layers"]) == c["lowest_layer"] == min(parent["selected_layers"])
+        assert c["selected_layers"] == matched_random(parent["selected_layers"], 6, c["draw"], c["seed"])
+        assert c["steps"] == parent["steps"] == 3 and c["probe_seconds"] == 0.0
+        assert (c["attention_r"], c["mlp_r"]) == (parent["attention_r"], parent["mlp_r"])
+        if "same_as" in c:  # the same layers, ranks and seed trained before: its result, not a new run
+            same = [x for x in seeded["arms"] + controls if x["seed"] == c["seed"] and x["arm"] == c["same_as"]["arm"]
+                    and x.get("draw") == c["same_as"]["draw"] and "same_as" not in x]  # fmt: skip
+            assert same[0]["selected_layers"] == c["selected_layers"] and same[0]["metrics"] == c["metrics"]
+        else:  # LoRA B starts at zero: the first loss is the base model's on the seed's first batch
+            assert c["first_loss"] == pytest.approx(parent["first_loss"], abs=1e-5)
+
+
+def test_arm_against_its_controls_difference_se_and_permutation_p(seeded):
+    m = seeded["answers"]["vs_matched_random"]["top"]
+    tops = _runs(seeded, "top")
+    groups = [
+        ([tops[s]["metrics"]["gsm8k_nll"]], [c["metrics"]["gsm8k_nll"] for c in seeded["controls"] if c["seed"] == s])
+        for s in SEEDS
+    ]  # fmt: skip
+    d, p = blocked_difference(groups), blocked_permutation_pvalue(groups)
+    assert (m["difference"], m["se"], m["z"], m["p_value"]) == (
+        d["difference"],
+        d["se"],
+        d["z"],
+        p["p_value"],
+    )
+    assert m["exact"] and m["relabellings"] == 3**3 and m["seeds"] == 3 and m["no_alternative_seeds"] == []
+    assert m["arm_nll"]["n"] == 3 and m["control_nll"]["n"] == 6
+    assert m["by_seed"]["1"]["control_nll"] == groups[1][1]
+    md = (Path(seeded["output_dir"]) / "study.md").read_text()
+    assert "## Against cost-matched random controls" in md and "### Control runs" in md
+    assert "`top` vs cost-matched random" in md and f"p = {m['p_value']:.4f}" in md
+
+
+def test_equal_time_arm_and_top_against_all_layers_per_seed(seeded):
+    timing = seeded["timing"]
+    tops, alls, equal = (_runs(seeded, n) for n in ("top", "lora-all", "lora-all-equal-time"))
+    for s in SEEDS:
+        expected = math.floor(
+            (tops[s]["probe_seconds"] + 3 * _timed(timing, tops[s])) / _timed(timing, alls[s])
+        )
+        assert equal[s]["steps"] == max(1, min(expected, 6))
+    t = seeded["answers"]["top_vs_all"]
+    nll = {
+        n: {s: r[s]["metrics"]["gsm8k_nll"] for s in SEEDS}
+        for n, r in (("top", tops), ("all", alls), ("eq", equal))
+    }
+    assert t["equal_steps"]["values"] == {
+        str(s): pytest.approx(nll["top"][s] / nll["all"][s] - 1) for s in SEEDS
+    }
+    assert t["equal_time"]["values"] == {
+        str(s): pytest.approx(nll["top"][s] / nll["eq"][s] - 1) for s in SEEDS
+    }
+    assert t["equal_time"]["n"] == 3 and t["equal_time_steps"] == {str(s): equal[s]["steps"] for s in SEEDS}
+
+
+class Killed(Exception):
+    """What a kill -9 leaves: the process stops between two runs, with study.json as last written."""
+
+
+def _count_training(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """Count the real training runs study makes (``finetune.train_arm`` runs unchanged); with
+    ``stop_after``, stop the study when it starts one more."""
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        if stop_after is not None and len(calls) >= stop_after:
+            raise Killed
+        calls.append(1)
+        return finetune.train_arm(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "train_arm", counted)
+    return calls
+
+
+def _trained_fields(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in {"measured_speedup", "delta", "gsm8k_nll_vs_all"}}
+
+
+def test_resume_after_a_kill_keeps_finished_runs_bit_identical_and_reruns_none(ws, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    args = dict(arms=["top"], seeds=[0, 1], controls=2)
+    calls = _count_training(monkeypatch, stop_after=3)
+    with pytest.raises(Killed):
+        run_study(_seeded_args(ws, out, **args), log=lambda *a: None)
+    killed = json.loads((out / "study.json").read_text())
+    finished = killed["arms"] + killed["controls"]
+    assert len(calls) == 3 == sum("same_as" not in e for e in finished)  # written after every run
+    assert [(a["arm"], a["seed"]) for a in killed["arms"]] == [("lora-all", 0), ("top", 0)]  # seed 1: none
+
+    calls = _count_training(monkeypatch)
+    done = run_study(_seeded_args(ws, out, resume=True, **args), log=lambda *a: None)
+    saved = json.loads((out / "study.json").read_text())
+    for kind in ("arms", "controls"):
+        assert [_trained_fields(e) for e in saved[kind][: len(killed[kind])]] == killed[kind]  # bit for bit
+    everything = saved["arms"] + saved["controls"]
+    assert len(calls) == sum("same_as" not in e for e in everything) - 3  # only what was missing
+    assert sorted((c["seed"], c["draw"]) for c in saved["controls"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert done["answers"]["vs_matched_random"]["top"]["seeds"] == 2
+
+    calls = _count_training(monkeypatch)  # all finished: a third run trains nothing and changes no run
+    again = run_study(_seeded_args(ws, out, resume=True, **args), log=lambda *a: None)
+    assert calls == [] and [_trained_fields(e) for e in again["arms"]] == [
+        _trained_fields(e) for e in done["arms"]
+    ]
+    assert again["controls"] == done["controls"] and again["timing"] == done["timing"]
+    # more seeds and controls later: only the new ones train
+    calls = _count_training(monkeypatch)
+    more = run_study(
+        _seeded_args(ws, out, resume=True, arms=["top"], seeds=[0, 1], controls=3), log=lambda *a: None
+    )
+    assert len(calls) == sum("same_as" not in c for c in more["controls"] if c["draw"] == 2)
+    assert more["controls"][:4] == done["controls"]
+
+
+def test_a_record_from_before_seeds_resumes_with_more_seeds(ws, tmp_path, monkeypatch):
+    out = tmp_path / "old"
+    first = run_study(_seeded_args(ws, out, arms=["last"], controls=0), log=lambda *a: None)
+    old = json.loads((out / "study.json").read_text())
+    for key in ("controls", "seeds", "controls_per_seed", "scores_by_seed", "across_seeds"):
+        old.pop(key)
+    for a in old["arms"]:
+        a.pop("seed")
+    old["timing"].pop("configs")
+    (out / "study.json").write_text(json.dumps(old))
+    calls = _count_training(monkeypatch)
+    again = run_study(_seeded_args(ws, out, arms=["last"], seeds=[0, 1], resume=True), log=lambda *a: None)
+    assert len(calls) == 2  # lora-all and last for seed 1; seed 0 kept; `last` is not probe-driven
+    assert [(a["arm"], a["seed"]) for a in again["arms"]] == [
+        ("lora-all", 0),
+        ("last", 0),
+        ("lora-all", 1),
+        ("last", 1),
+    ]
+    assert [_trained_fields(a) for a in again["arms"][:2]] == [_trained_fields(a) for a in first["arms"]]
+
+
+def _entry(name, seed, nll, layers):
+    return {
+        "arm": name,
+        "seed": seed,
+        "metrics": {"gsm8k_nll": nll},
+        "selected_layers": layers,
+        "step_seconds": 1.0,
+    }
+
+
+def test_an_arm_with_no_matched_alternative_gets_no_verdict():
+    record = {
+        "settings": {"seed": 0},
+        "num_layers": 4,
+        "arms": [_entry("top", 0, 1.0, [2, 3]), _entry("depth-aware", 0, 1.1, [1, 3])],
+        "controls": [_entry("depth-aware", 0, v, [1, 2]) | {"draw": d} for d, v in enumerate((1.2, 1.3))],
+    }
+    top = matched_comparison(record, "top")
+    assert top["seeds"] == 0 and top["no_alternative_seeds"] == [0] and top["p_value"] is None
+    da = matched_comparison(record, "depth-aware")
+    assert da["p_value"] == pytest.approx(1 / 3) and da["difference"] == pytest.approx(0.15)
+    lines = _answer_lines(seed_answers(record))
+    assert any("every layer from its lowest up" in x for x in lines)
+    assert any("`depth-aware` vs cost-matched random" in x and "p = 0.3333" in x for x in lines)
+    table = controls_table(record)
+    assert "| **top** | 0 (+1 without) | 2 | 2 |" in table and "| depth-aware | 1 | 1 | 2 |" in table
+
+
+def test_seed_and_control_arguments(ws, tmp_path):
+    assert _args(ws, tmp_path, seeds=[2, 0, 2, 1]).seeds == [2, 0, 1]
+    assert _args(ws, tmp_path).run_seeds == [0] and _args(ws, tmp_path, seed=5).run_seeds == [5]
+    with pytest.raises(ValueError, match="seeds"):
+        _args(ws, tmp_path, seeds=[])
+    with pytest.raises(ValueError, match="controls=-1"):
+        _args(ws, tmp_path, controls=-1)
+    # more seeds or controls add runs to a record; they do not make it another study
+    assert not {"seeds", "controls"} & set(_args(ws, tmp_path, seeds=[0, 1]).fingerprint())
+    assert StudyArguments.default_of("controls") == 3 and StudyArguments.default_of("seeds") is None

@@ -23,7 +23,7 @@ import warnings
 from dataclasses import field
 from pathlib import Path
 
-USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study} [--help] [options]
+USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle} [--help] [options]
 
   probe   score every layer on your data; write layer_scores.json/.png
   train   probe, select, fine-tune with LoRA on the selected layers; write the adapter and a report
@@ -32,6 +32,8 @@ USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study} [--help] [op
   eval    score a model (+ adapter) on the task and on forgetting suites; write eval.json/.md
   study   fine-tune once per layer selection (all, top, random, last, ...) and compare quality,
           forgetting and speed; write study.json/.md/.png
+  oracle  fine-tune every block alone, measure its held-out loss drop, and rank the probe's
+          signals against it; write oracle.json/.md/.png
 """
 
 
@@ -102,6 +104,7 @@ GROUPS = {
     "BenchArguments": "bench",
     "StudyArguments": "study",
     "EvalArguments": "eval",
+    "OracleArguments": "oracle",
 }
 TRAINING_ARGUMENTS_GROUP = (
     "transformers.TrainingArguments (passed through to the Trainer; every field is a flag: "
@@ -313,6 +316,12 @@ def study(argv: list[str]) -> int:
     return _report_command("study", StudyArguments, run_study, argv)
 
 
+def oracle(argv: list[str]) -> int:
+    from .oracle import OracleArguments, run_oracle
+
+    return _report_command("oracle", OracleArguments, run_oracle, argv)
+
+
 COMMANDS = {
     "probe": probe,
     "train": train,
@@ -320,6 +329,7 @@ COMMANDS = {
     "bench": bench,
     "eval": evaluate,
     "study": study,
+    "oracle": oracle,
 }
 
 

@@ -161,8 +161,12 @@ def run_probe(
     tokenizer: Any = None,
     progress: bool = False,
     device: torch.device | str | None = None,
+    signals: str | list[str] | None = None,
 ) -> tuple[LayerScores, float]:
-    """The gradient probe ``config`` describes; returns ``(scores, seconds)``."""
+    """The gradient probe ``config`` describes; returns ``(scores, seconds)``.
+
+    The scores are ``config.score``'s signal (``lora-energy`` at the ranks ``config`` trains), so
+    :func:`select` ranks layers by it; ``signals`` (e.g. ``"all"``) computes others in the same pass."""
     start = time.perf_counter()
     scores = gradient_probe(
         model,
@@ -177,6 +181,9 @@ def run_probe(
         layers_path=config.layers_path,
         progress=progress,
         device=device,
+        score=config.score,
+        ranks=config.probe_ranks,
+        signals=signals,
     )
     return scores, time.perf_counter() - start
 

@@ -29,6 +29,32 @@ def read_run_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def resumable_record(
+    path: str | os.PathLike, fingerprint: dict[str, Any], default_of, derived: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
+    """The record an earlier run wrote to ``path`` (``None`` if none), for ``--resume``.
+
+    Refused (``ValueError`` naming the settings) unless it was written with the same ``fingerprint``;
+    a setting absent from an older record ran with its default (``default_of(name)``). The
+    ``derived`` keys are dropped: they are recomputed at the end, perhaps by newer code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    for key in derived:
+        record.pop(key, None)
+    old = record.get("settings", {})
+    changed = sorted(k for k, v in fingerprint.items() if old.get(k, default_of(k)) != v)
+    changed += sorted(set(old) - set(fingerprint))
+    if changed:
+        raise ValueError(
+            f"--resume: {path} was written with other settings ({', '.join(changed)}); use the same "
+            f"flags, or a new --output_dir."
+        )
+    return record
+
+
 def default_output_dir(command: str) -> str:
     """``runs/<command>-<date>-<time>``: a new folder for a command run without ``--output_dir``."""
     return f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -124,6 +150,7 @@ def save_adapter(peft_model, output_dir: Path) -> None:
 __all__ = [
     "PLAN_FILE",
     "read_run_record",
+    "resumable_record",
     "check_output_dir",
     "default_output_dir",
     "hardware",

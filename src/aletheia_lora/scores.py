@@ -17,10 +17,17 @@ class LayerScores(dict):
     * ``modules``: layer -> {block-relative parameter name -> score}, the per-tensor breakdown;
     * ``roles``: layer -> {"attention" | "mlp" | "expert" | "router" | "other" -> subtotal};
     * ``meta``: how the probe ran (``batches``, ``tokens``, ``seconds``, ``method``,
-      ``params``, ``seed``, ``dtype``, ...).
+      ``params``, ``seed``, ``dtype``, ``score``: the signal the mapping holds, ...);
+    * ``signals``: signal name -> {layer -> score}, every signal the probe computed
+      (``grad-norm``, ``relative``, ``lora-energy``, ``coherence``; see ``gradient_probe``),
+      the chosen one included. ``with_score(name)`` gives the same result scored by another.
+
+    ``modules`` and ``roles`` break down the chosen signal: per-tensor values that sum to the
+    layer score, except for ``coherence``, a ratio, where they are each tensor's and each role's
+    own coherence.
 
     ``to_json()`` / ``from_json()`` round-trip all of it exactly (floats are written with
-    ``repr`` precision).
+    ``repr`` precision); JSON written before ``signals`` existed loads with ``signals == {}``.
     """
 
     def __init__(
@@ -30,23 +37,51 @@ class LayerScores(dict):
         modules: dict[int, dict[str, float]] | None = None,
         roles: dict[int, dict[str, float]] | None = None,
         meta: dict[str, Any] | None = None,
+        signals: dict[str, dict[int, float]] | None = None,
     ) -> None:
         super().__init__({int(k): float(v) for k, v in (scores or {}).items()})
         self.modules = {int(k): dict(v) for k, v in (modules or {}).items()}
         self.roles = {int(k): dict(v) for k, v in (roles or {}).items()}
         self.meta = dict(meta or {})
+        self.signals = {
+            str(name): {int(k): float(v) for k, v in values.items()}
+            for name, values in (signals or {}).items()
+        }
 
     def ranking(self) -> list[int]:
         """Layer indices from highest to lowest score (ties: lower index first)."""
         return sorted(self, key=lambda i: (-self[i], i))
 
+    def with_score(self, name: str) -> LayerScores:
+        """The same probe result with signal ``name`` as its scores (a probe that computed it:
+        ``gradient_probe(..., signals=[name])`` or ``signals="all"``). The breakdown (``modules``,
+        ``roles``) exists only for the signal the probe scored by; for another it is empty."""
+        if name not in self.signals:
+            raise ValueError(
+                f"signal {name!r} was not computed by this probe (it has {sorted(self.signals)}); probe with "
+                f"signals=[{name!r}] or signals='all'."
+            )
+        same = name == self.meta.get("score")
+        return LayerScores(
+            self.signals[name],
+            modules=self.modules if same else None,
+            roles=self.roles if same else None,
+            meta=self.meta | {"score": name},
+            signals=self.signals,
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "scores": {str(k): v for k, v in sorted(self.items())},
             "roles": {str(k): v for k, v in sorted(self.roles.items())},
             "modules": {str(k): v for k, v in sorted(self.modules.items())},
             "meta": self.meta,
         }
+        if self.signals:
+            data["signals"] = {
+                name: {str(k): v for k, v in sorted(values.items())} for name, values in self.signals.items()
+            }
+        return data
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = 1) -> str:
         """Serialise; with ``path`` also write the file (atomically)."""
@@ -62,7 +97,11 @@ class LayerScores(dict):
                 "not a LayerScores object: no 'scores' key (was it written by LayerScores.to_json?)"
             )
         return cls(
-            data["scores"], modules=data.get("modules"), roles=data.get("roles"), meta=data.get("meta")
+            data["scores"],
+            modules=data.get("modules"),
+            roles=data.get("roles"),
+            meta=data.get("meta"),
+            signals=data.get("signals"),
         )
 
     @classmethod
@@ -82,6 +121,7 @@ class LayerScores(dict):
             and self.modules == other.modules
             and self.roles == other.roles
             and self.meta == other.meta
+            and self.signals == other.signals
         )
 
     def __ne__(self, other: object) -> bool:

@@ -11,7 +11,7 @@ group                  fields
 ``ModelSettings``      model, dtype, trust_remote_code
 ``DataSettings``      data, format, max_length, ... (what ``train`` and ``probe`` read)
 ``BudgetSettings``     top_pct, top_k, target_speedup (how many layers get LoRA)
-``ProbeSettings``      probe_batches, probe_batch_size, probe_max_length, probe_params, probe_method
+``ProbeSettings``      probe_batches, probe_batch_size, probe_max_length, probe_params, probe_method, score
 ``LoraSettings``       r, lora_alpha, attention_r, mlp_r, mlp_rank_factor, alphas, dropout, targets
 ``OutputSettings``     overwrite_output_dir, quiet (``OutputDirSettings``: + output_dir)
 =====================  ===================================================================
@@ -28,7 +28,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .probe import METHODS, PARAMS
+from .probe import METHODS, PARAMS, SIGNALS
 from .selection import STRATEGIES
 
 # Accepted --dtype spellings -> the name transformers and torch use.
@@ -134,6 +134,13 @@ class ProbeSettings(Settings):
         default="onepass",
         metadata={"help": "'onepass' (hooks, no weight gradients) or 'chunked' (reference).", "choices": list(METHODS)},
     )  # fmt: skip
+    score: str = field(
+        default="grad-norm",
+        metadata={"help": "The probe signal layers are ranked by: 'grad-norm' (sum of gradient norms, the published "
+                  "score), 'relative' (gradient norm / weight norm), 'lora-energy' (the part of each gradient a "
+                  "LoRA of the planned rank can hold) or 'coherence' (how much the probe batches' gradients agree; "
+                  "needs probe_batches >= 2). See docs/method.md.", "choices": list(SIGNALS)},
+    )  # fmt: skip
 
     def _check(self) -> None:
         at_least(self, 1, "probe_batches", "probe_batch_size")
@@ -142,6 +149,13 @@ class ProbeSettings(Settings):
             raise ValueError(f"probe_params={self.probe_params!r}; use one of {list(PARAMS)}.")
         if self.probe_method not in METHODS:
             raise ValueError(f"probe_method={self.probe_method!r}; use one of {list(METHODS)}.")
+        if self.score not in SIGNALS:
+            raise ValueError(f"score={self.score!r}; use one of {list(SIGNALS)}.")
+        if self.score == "coherence" and self.probe_batches < 2:
+            raise ValueError(
+                f"score='coherence' with probe_batches={self.probe_batches}: with one batch every layer's "
+                f"coherence is 1; use probe_batches >= 2."
+            )
 
 
 @dataclass(kw_only=True)
@@ -254,6 +268,11 @@ class AletheiaConfig(BudgetSettings, ProbeSettings, LoraSettings):
         metadata={"help": "Tokens per calibration sequence (default: --max_length in `train`, else 256)."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of the probe's example order."})
+
+    @property
+    def probe_ranks(self) -> dict[str, int]:
+        """The LoRA ranks ``score='lora-energy'`` keeps: attention's, and MLP's (experts and routers too)."""
+        return {"attention": self.attention_r or self.r, "mlp": self.effective_mlp_r}
 
     def _check(self) -> None:
         at_least(self, 1, "calibrate_batch_size", "calibrate_seq_len", unset_ok=True)

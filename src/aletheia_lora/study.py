@@ -25,6 +25,47 @@ arm                      layers
 
 Nothing here looks at the test split before the evaluation: the hyperparameters are fixed in
 ``StudyArguments`` and the probe reads training rows only.
+
+**Seeds.** ``--seeds 0 1 2`` runs every arm once per seed; the seed sets the data order, the LoRA
+initialisation and the probe's batch order (so a probe-driven arm may select other layers under another
+seed). The evaluation items (and the general-text windows) come from ``--seed`` and are the same for
+every seed, so seeds differ only in training. Without ``--seeds`` the study runs ``--seed`` alone, as
+before. ``study.json`` keeps one entry per arm and seed (``"seed"``); ``study.md`` gives each arm's test
+NLL as mean, sample standard deviation (n - 1) and n over seeds, and the per-seed values.
+
+**Cost-matched random controls.** For every probe-driven arm (``top``, ``top-all-params``,
+``depth-aware``, ``top-asym``, ``depth-aware-asym``) and seed, ``--controls K`` (default 3) random
+selections of the arm's size that keep the arm's lowest layer and draw the rest from the layers above it
+(:func:`stats.matched_random`, draw ``k`` of seed ``s`` seeded by ``(s, k)``), fine-tuned with the arm's
+ranks, seed and steps, and no probe. Backward stops at the lowest adapted layer, so a control costs what
+its arm costs per step: an arm that beats them does not do it by training deeper or for longer. When the
+arm's selection is every layer from its lowest up, it is the only matched selection and no control is
+drawn (reported). A control whose selection, ranks and seed equal an earlier run's reuses that run's
+result (``"same_as"``; training is deterministic in them) instead of training it again.
+
+**Arm against controls** (``answers["vs_matched_random"]``), at equal steps, blocked by seed (within a
+seed the arm and its controls share data order and initialisation):
+
+* ``difference`` = mean over seeds of (mean control NLL - arm NLL); positive: the arm is better.
+* ``se``: its standard error from the within-seed spread of the control NLLs (pooled over seeds, seed
+  effects removed; under the null hypothesis the arm varies as a control does); ``z = difference / se``
+  ("the difference in standard errors"); None with a single control per seed.
+* ``p_value``: one-sided permutation p-value, the share of within-seed relabellings of arm and control
+  values whose difference is at least the observed one (:func:`stats.blocked_permutation_pvalue`): exact
+  (every relabelling) when there are at most 10,000, else 10,000 drawn with ``--seed``. With one arm value
+  and K controls per seed over S seeds there are ``(K + 1) ** S`` relabellings, so the smallest possible
+  p is ``(K + 1) ** -S``: 1/4 for one seed and 3 controls, 1/64 for 3 seeds.
+
+**Equal wall-clock.** Per seed, ``lora-all-equal-time`` gets as many all-layer steps as fit in that
+seed's ``top`` wall-clock (its probe included, at the measured step times); ``answers["top_vs_all"]``
+gives ``top``'s NLL against ``lora-all`` at equal steps and against ``lora-all-equal-time`` per seed, with
+mean and sd over seeds. The controls are compared at equal steps only: they skip the probe, so at equal
+steps they take at most the arm's wall-clock.
+
+**Resume.** ``study.json`` is rewritten after every run (arm, control, equal-time arm); ``--resume true``
+with the same result-changing settings keeps every finished (arm, seed) and (arm, seed, draw) as
+written and trains only what is missing. ``--seeds``, ``--controls`` and ``--arms`` may grow between
+runs; the statistics use every run in the record.
 """
 
 from __future__ import annotations
@@ -41,19 +82,25 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
 from .architecture import find_blocks
 from .batches import collate
 from .data import load_data, tokenize_dataset
+from .finetune import batch_order, load_base, train_arm
 from .io import atomic_write_text
-from .models import load_model
 from .plan import run_probe, select, wrap_with_plan
 from .report import new_figure, render_table, save_png
-from .runs import check_output_dir, hardware, versions
+from .runs import check_output_dir, hardware, resumable_record, versions
 from .scores import LayerScores
 from .selection import budget
 from .settings import AletheiaConfig, BudgetSettings, ModelSettings, OutputDirSettings, at_least
+from .stats import (
+    blocked_difference,
+    blocked_permutation_pvalue,
+    matched_choices,
+    matched_random,
+    spread,
+)
 from .suites import (
     general_text_suite,
     gsm8k_suite,
@@ -69,6 +116,7 @@ FILES = ("study.json", "study.md", "study.png")
 DEFAULT_ARM = "top"
 BASELINE = "lora-all"
 EQUAL_TIME = "lora-all-equal-time"
+PROBED = ("top", "depth-aware")  # the strategies that read the probe (and pay for it): they get controls
 
 
 @dataclass(frozen=True)
@@ -128,7 +176,21 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
     warmup_steps: int = field(default=4, metadata={"help": "Linear warm-up steps."})
     r: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2 r) of the uniform-rank arms."})
     probe_batches: int = field(default=5, metadata={"help": "Gradient-probe batches."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data order, LoRA init and the probe."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the evaluation items, and of the data order, LoRA init and the probe when "
+                  "--seeds is not given."},
+    )  # fmt: skip
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Run every arm once per seed (data order, LoRA init, probe order), e.g. --seeds "
+                  "0 1 2; study.md gives mean, sd and n over seeds. Default: --seed alone."},
+    )  # fmt: skip
+    controls: int = field(
+        default=3,
+        metadata={"help": "Cost-matched random controls per probe-driven arm and seed: the arm's size, its "
+                  "lowest layer kept, the rest drawn above it (0: none)."},
+    )  # fmt: skip
     test_limit: int = field(default=100, metadata={"help": "GSM8K test questions for the answer NLL."})
     exact_match: int = field(
         default=0, metadata={"help": "GSM8K test questions to answer by greedy decoding (0: none)."}
@@ -182,7 +244,14 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
             "humaneval_limit",
             "mmlu_limit",
             "time_rounds",
+            "controls",
         )
+        if isinstance(self.seeds, int):
+            self.seeds = [self.seeds]
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("seeds=[]; give at least one seed, or leave --seeds out for --seed alone.")
+            self.seeds = list(dict.fromkeys(self.seeds))  # repeats would train the same runs twice
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate}; it must be > 0.")
         folder = Path(self.gsm8k_dir)
@@ -195,44 +264,21 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change results (what ``--resume`` must match)."""
+        # seeds and controls only add runs: a finished (arm, seed, draw) is the same whatever else is asked
         skip = {"arms", "output_dir", "resume", "overwrite_output_dir", "quiet", "time_rounds", "time_steps",
-                "trust_remote_code"}  # fmt: skip
+                "trust_remote_code", "seeds", "controls"}  # fmt: skip
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The training seeds: ``seeds``, or ``[seed]``."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
     @classmethod
     def default_of(cls, name: str) -> Any:
         """A field's default (what a record written before the field existed ran with)."""
         f = cls.__dataclass_fields__[name]
         return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-# --------------------------------------------------------------------------- training
-
-
-def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Row indices of every step: a seeded permutation, cycled when steps x batch exceeds the rows."""
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    flat = [perm[i % n_rows] for i in range(steps * batch_size)]
-    return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
-
-
-def train_arm(model: nn.Module, rows: list[dict], order: list[list[int]], args: StudyArguments, pad: int):
-    """AdamW with linear warm-up and decay, gradient clipping at 1.0; returns (losses, step seconds)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, len(order))
-    device = next(model.parameters()).device
-    losses, seconds = [], []
-    model.train()
-    for step, indices in enumerate(order):
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], pad).items()}
-        try:
-            loss, took = optimizer_step(model, optimizer, batch, clip=1.0, schedule=schedule)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"step {step}: {err}") from None
-        seconds.append(took)
-        losses.append(loss.item())
-    return losses, seconds
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -283,21 +329,35 @@ def evaluate(model: nn.Module, tokenizer, inputs: dict[str, Any], args: StudyArg
 # --------------------------------------------------------------------------- timing
 
 
+def _signature(entry: dict) -> list:
+    """What a run's step time depends on: its layers and ranks (not its name, seed or steps)."""
+    return [list(entry["selected_layers"]), entry.get("attention_r"), entry.get("mlp_r")]
+
+
+def _label(entry: dict, seed: int) -> str:
+    """A run's name in the timing: the arm's, with ``@seed`` for seeds other than ``--seed``."""
+    return entry["arm"] if entry.get("seed", seed) == seed else f"{entry['arm']}@{entry['seed']}"
+
+
 def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArguments, log) -> dict[str, Any]:
-    """Step times of every trained arm, measured side by side: each arm wrapped once, one warm-up step,
-    then ``time_rounds`` interleaved rounds (``timing.interleaved``) of ``time_steps`` steps on the same
-    batches."""
+    """Step times of every trained arm, measured side by side: each distinct selection (layers and ranks;
+    arms and seeds that share one share its time) wrapped once, one warm-up step, then ``time_rounds``
+    interleaved rounds (``timing.interleaved``) of ``time_steps`` steps on the same batches."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(base.parameters()).device
     batches = [{k: v.to(device) for k, v in collate([rows[i] for i in step], pad).items()}
                for step in order[: args.time_steps]]  # fmt: skip
-    models = {}
+    models, configs = {}, {}
     for a in arms:
-        config = _config(ARMS[a["arm"]], args)
+        if _signature(a) in configs.values():
+            continue
+        label = _label(a, args.seed)
+        configs[label] = _signature(a)
+        config = _config(ARMS[a["arm"]], args, args.seed)
         dummy = LayerScores({i: 1.0 for i in range(len(a["selected_layers"]))})
         model, _ = wrap_with_plan(copy.deepcopy(base), dummy, a["selected_layers"], config)
         params = [p for p in model.parameters() if p.requires_grad]
-        models[a["arm"]] = (model.train(), torch.optim.AdamW(params, lr=args.learning_rate))
+        models[label] = (model.train(), torch.optim.AdamW(params, lr=args.learning_rate))
 
     def step(name: str, batch: dict) -> float:
         return optimizer_step(*models[name], batch)[1]
@@ -316,6 +376,7 @@ def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArgumen
     return {
         "rounds": args.time_rounds,
         "steps_per_round": args.time_steps,
+        "configs": configs,
         "step_seconds": seconds,
         "median_seconds": {name: statistics.median(times) for name, times in seconds.items()},
     }
@@ -324,7 +385,7 @@ def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArgumen
 # --------------------------------------------------------------------------- the study
 
 
-def _config(arm: Arm, args: StudyArguments) -> AletheiaConfig:
+def _config(arm: Arm, args: StudyArguments, seed: int) -> AletheiaConfig:
     strategy = arm.strategy or "top"
     return AletheiaConfig(
         top_pct=args.top_pct,
@@ -338,39 +399,23 @@ def _config(arm: Arm, args: StudyArguments) -> AletheiaConfig:
         attention_r=arm.attention_r,
         mlp_r=arm.mlp_r,
         mlp_rank_factor=1,  # the arms name their ranks: uniform r unless mlp_r is given
-        seed=args.seed,  # probe order and LoRA init: the same for every arm
+        seed=seed,  # probe order and LoRA init: the same for every arm of a seed
     )
 
 
-def run_arm(
-    base, tokenizer, arm: Arm, rows, order, inputs, args: StudyArguments, probes: dict
-) -> dict[str, Any]:
-    """Select (one probe per scoring, shared by the arms that use it), wrap, train, evaluate."""
-    model = copy.deepcopy(base)
-    config = _config(arm, args)
-    if arm.probe_params not in probes:
-        probes[arm.probe_params] = run_probe(model, rows, config, tokenizer=tokenizer)
-    scores, probe_seconds = probes[arm.probe_params]
-    if arm.strategy is None:
-        selected = list(range(find_blocks(model).num_layers))
-    else:
-        selected = select(scores, config, model=model, seed=arm.seed)
-    probed = arm.strategy in ("top", "depth-aware")  # the arms that pay for the probe
+def _train_and_evaluate(
+    model, tokenizer, scores: LayerScores, selected: list[int], config: AletheiaConfig, rows, order, inputs,
+    args: StudyArguments, probe_seconds: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Wrap ``selected``, train ``order``'s steps, evaluate: the fields every run records."""
     peft_model, plan = wrap_with_plan(model, scores, selected, config, probe_seconds=probe_seconds)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses, seconds = train_arm(peft_model, rows, order, args, pad)
     peft_model.eval()
     metrics = evaluate(peft_model, tokenizer, inputs, args)
     steady = seconds[1:] or seconds  # the first step pays for warm-up
-    probe_seconds = probe_seconds if probed else 0.0
     return {
-        "arm": arm.name,
-        "strategy": arm.strategy or "all",
-        "probe_params": arm.probe_params if probed else None,
-        "selection_seed": arm.seed if arm.strategy == "random" else None,
-        "attention_r": arm.attention_r,
-        "mlp_r": arm.mlp_r,
-        "selected_layers": selected,
+        "selected_layers": list(selected),
         "trainable_params": plan.trainable_params,
         "predicted_speedup": plan.predicted_speedup,
         "steps": len(order),
@@ -385,29 +430,245 @@ def run_arm(
     }
 
 
+def run_arm(
+    base,
+    tokenizer,
+    arm: Arm,
+    rows,
+    order,
+    inputs,
+    args: StudyArguments,
+    probes: dict,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Select (one probe per seed and scoring, shared by the arms that use it), wrap, train, evaluate."""
+    seed = args.seed if seed is None else seed
+    model = copy.deepcopy(base)
+    config = _config(arm, args, seed)
+    if (seed, arm.probe_params) not in probes:
+        probes[seed, arm.probe_params] = run_probe(model, rows, config, tokenizer=tokenizer)
+    scores, probe_seconds = probes[seed, arm.probe_params]
+    if arm.strategy is None:
+        selected = list(range(find_blocks(model).num_layers))
+    else:
+        selected = select(scores, config, model=model, seed=arm.seed)
+    probed = arm.strategy in PROBED  # the arms that pay for the probe
+    trained = _train_and_evaluate(
+        model, tokenizer, scores, selected, config, rows, order, inputs, args,
+        probe_seconds if probed else 0.0,
+    )  # fmt: skip
+    return {
+        "arm": arm.name,
+        "seed": seed,
+        "strategy": arm.strategy or "all",
+        "probe_params": arm.probe_params if probed else None,
+        "selection_seed": arm.seed if arm.strategy == "random" else None,
+        "attention_r": arm.attention_r,
+        "mlp_r": arm.mlp_r,
+    } | trained
+
+
+_REUSED = ("trainable_params", "predicted_speedup", "steps", "step_seconds", "train_seconds", "first_loss",
+           "final_loss", "losses", "metrics")  # fmt: skip
+
+
+def run_control(
+    base, tokenizer, parent: dict, draw: int, rows, order, inputs, args: StudyArguments, earlier: list[dict]
+) -> dict[str, Any]:
+    """Draw ``draw`` of ``parent``'s cost-matched random control (:func:`stats.matched_random`), trained
+    like ``parent`` (its ranks, seed and steps) without a probe, and evaluated. An ``earlier`` run of the
+    same seed, layers, ranks and steps is reused instead of trained again (``"same_as"``)."""
+    arm, seed = ARMS[parent["arm"]], parent["seed"]
+    selected = matched_random(parent["selected_layers"], find_blocks(base).num_layers, draw, seed)
+    entry = {
+        "arm": arm.name,
+        "seed": seed,
+        "draw": draw,
+        "strategy": "matched-random",
+        "draw_key": f"matched-random:{seed}:{draw}",
+        "arm_layers": list(parent["selected_layers"]),
+        "lowest_layer": min(selected),
+        "attention_r": arm.attention_r,
+        "mlp_r": arm.mlp_r,
+    }
+    signature = [selected, arm.attention_r, arm.mlp_r]
+    same = next(
+        (e for e in earlier if e["seed"] == seed and _signature(e) == signature and e["steps"] == len(order)
+         and "same_as" not in e),
+        None,
+    )  # fmt: skip
+    if same is not None:
+        return entry | {"selected_layers": selected, "probe_seconds": 0.0} | {k: same[k] for k in _REUSED} | {
+            "wall_seconds": same["train_seconds"],
+            "same_as": {"arm": same["arm"], "draw": same.get("draw")},
+        }  # fmt: skip
+    config = _config(arm, args, seed)
+    return entry | _train_and_evaluate(
+        copy.deepcopy(base), tokenizer, LayerScores(), selected, config, rows, order, inputs, args, 0.0
+    )
+
+
 def _deltas(arm: dict, base: dict) -> dict[str, float]:
     return {k: v - base[k] for k, v in arm["metrics"].items() if k in base}
 
 
 def summarize(record: dict[str, Any]) -> dict[str, Any]:
-    """Derived comparisons: speedups against lora-all, deltas against the base, and the answers."""
-    arms = {a["arm"]: a for a in record["arms"]}
+    """Derived comparisons: speedups against lora-all and deltas against the base (per run, against the
+    same seed's lora-all), each arm over seeds (``record["across_seeds"]``), and the answers: the
+    single-seed questions asked of each arm's mean over seeds, plus the seed statistics."""
     base = record["base"]
-    ref = arms.get(BASELINE)
-    for a in arms.values():
+    refs = {a["seed"]: a for a in record["arms"] if a["arm"] == BASELINE}
+    for a in record["arms"]:
         a["delta"] = _deltas(a, base)
+        ref = refs.get(a["seed"])
         if ref:
             a["measured_speedup"] = _step_seconds(record, ref) / _step_seconds(record, a)
             if "gsm8k_nll" in a["metrics"]:
                 a["gsm8k_nll_vs_all"] = a["metrics"]["gsm8k_nll"] / ref["metrics"]["gsm8k_nll"] - 1
-    return answers(arms)
+    record["across_seeds"] = across_seeds(record)
+    means = {name: _mean_entry(runs) for name, runs in _by_arm(record["arms"]).items()}
+    return answers(means) | seed_answers(record)
 
 
 def _step_seconds(record: dict[str, Any], arm: dict) -> float:
-    """An arm's step time: from the side-by-side timing when there is one, else its training run's."""
-    timed = (record.get("timing") or {}).get("median_seconds", {})
-    name = BASELINE if arm["arm"] == EQUAL_TIME else arm["arm"]  # the same layers and ranks
+    """A run's step time: from the side-by-side timing of its layers and ranks when there is one, else its
+    training run's."""
+    timing = record.get("timing") or {}
+    timed = timing.get("median_seconds", {})
+    if "configs" in timing:
+        label = next((k for k, v in timing["configs"].items() if v == _signature(arm)), None)
+        return timed[label] if label in timed else arm["step_seconds"]
+    name = BASELINE if arm["arm"] == EQUAL_TIME else arm["arm"]  # a record from before the seeds
     return timed.get(name, arm["step_seconds"])
+
+
+def _by_arm(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped by arm, in the study's arm order, each group in seed order of appearance."""
+    out: dict[str, list[dict]] = {}
+    for a in sorted(runs, key=lambda a: list(ARMS).index(a["arm"]) if a["arm"] in ARMS else len(ARMS)):
+        out.setdefault(a["arm"], []).append(a)
+    return out
+
+
+def _mean_entry(runs: list[dict]) -> dict[str, Any]:
+    """One arm's runs as one: the run itself for one seed; else its metrics, deltas and speedup averaged
+    over seeds (the first seed's layers; steps a list when they differ)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def mean(key: str) -> dict[str, float]:
+        keys = set.intersection(*(set(a.get(key) or {}) for a in runs))
+        return {k: statistics.fmean(a[key][k] for a in runs) for k in sorted(keys)}
+
+    steps = [a["steps"] for a in runs]
+    out = {
+        "arm": runs[0]["arm"],
+        "seeds": [a["seed"] for a in runs],
+        "metrics": mean("metrics"),
+        "delta": mean("delta"),
+        "selected_layers": runs[0]["selected_layers"],
+        "steps": steps[0] if len(set(steps)) == 1 else steps,
+        "attention_r": runs[0].get("attention_r"),
+        "mlp_r": runs[0].get("mlp_r"),
+    }
+    if all("measured_speedup" in a for a in runs):
+        out["measured_speedup"] = statistics.fmean(a["measured_speedup"] for a in runs)
+    return out
+
+
+def _seed_values(runs: list[dict], value) -> dict[str, Any]:
+    """``stats.spread`` of ``value(run)`` over ``runs`` (None values left out), with the per-seed values."""
+    values = {str(a["seed"]): value(a) for a in runs}
+    values = {k: v for k, v in values.items() if v is not None}
+    return spread(list(values.values())) | {"values": values}
+
+
+def across_seeds(record: dict[str, Any]) -> dict[str, Any]:
+    """Per arm: the seeds it ran, its layers per seed, and every metric's mean, sd and n over seeds with
+    the per-seed values."""
+    out = {}
+    for name, runs in _by_arm(record["arms"]).items():
+        metrics = sorted(set().union(*(a["metrics"] for a in runs)))
+        out[name] = {
+            "seeds": [a["seed"] for a in runs],
+            "selected_layers": {str(a["seed"]): a["selected_layers"] for a in runs},
+            "steps": {str(a["seed"]): a["steps"] for a in runs},
+            **{m: _seed_values(runs, lambda a, m=m: a["metrics"].get(m)) for m in metrics},
+        }
+    return out
+
+
+def matched_comparison(record: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """Arm ``name`` against its cost-matched random controls in test NLL, blocked by seed (module docs):
+    mean and sd of each side, ``difference`` (controls - arm; positive: the arm is better), ``se``, ``z``,
+    the one-sided permutation ``p_value``, and the per-seed values. None if the arm never ran."""
+    runs = [a for a in record["arms"] if a["arm"] == name and _nll(a) is not None]
+    if not runs:
+        return None
+    num_layers = record["num_layers"] or max(max(a["selected_layers"]) for a in record["arms"]) + 1
+    groups, by_seed, no_alternative = [], {}, []
+    for a in runs:
+        controls = [c for c in record.get("controls", []) if c["arm"] == name and c["seed"] == a["seed"]]
+        controls = sorted((c for c in controls if _nll(c) is not None), key=lambda c: c["draw"])
+        choices = matched_choices(a["selected_layers"], num_layers)
+        by_seed[str(a["seed"])] = {
+            "arm_nll": _nll(a),
+            "arm_layers": a["selected_layers"],
+            "matched_selections": choices,
+            "control_nll": [_nll(c) for c in controls],
+            "control_layers": [c["selected_layers"] for c in controls],
+        }
+        if choices == 1:
+            no_alternative.append(a["seed"])
+        elif controls:
+            groups.append(([_nll(a)], [_nll(c) for c in controls]))
+    arm_values = [g[0][0] for g in groups]
+    control_values = [v for g in groups for v in g[1]]
+    compared = [a for a in runs if str(a["seed"]) in by_seed and by_seed[str(a["seed"])]["control_nll"]]
+    controls = [c for c in record.get("controls", []) if c["arm"] == name and _nll(c) is not None]
+    difference = blocked_difference(groups)
+    test = blocked_permutation_pvalue(groups, seed=record["settings"].get("seed", 0))
+    return {
+        "seeds": len(groups),
+        "no_alternative_seeds": no_alternative,  # the arm is every layer from its lowest up: nothing to draw
+        "arm_nll": spread(arm_values),
+        "control_nll": spread(control_values),
+        "difference": difference["difference"],
+        "se": difference["se"],
+        "z": difference["z"],
+        "df": difference["df"],
+        "p_value": test["p_value"],
+        "exact": test["exact"],
+        "relabellings": test["relabellings"],
+        # cost: the training runs' own median step times (controls keep the arm's backward depth)
+        "arm_step_seconds": statistics.fmean(a["step_seconds"] for a in compared) if compared else None,
+        "control_step_seconds": statistics.fmean(c["step_seconds"] for c in controls) if controls else None,
+        "by_seed": by_seed,
+    }
+
+
+def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
+    """The seed statistics: each probe-driven arm against its matched controls, and ``top`` against
+    all-layer LoRA at equal steps and at equal wall-clock, per seed with mean and sd."""
+    out: dict[str, Any] = {"vs_matched_random": {}}
+    for name in ARMS:
+        if ARMS[name].strategy in PROBED:
+            comparison = matched_comparison(record, name)
+            if comparison is not None:
+                out["vs_matched_random"][name] = comparison
+    runs = {(a["arm"], a["seed"]): a for a in record["arms"]}
+    tops = [a for a in record["arms"] if a["arm"] == DEFAULT_ARM and _nll(a) is not None]
+
+    def versus(other: str):
+        return lambda a: _nll(a) / _nll(runs[other, a["seed"]]) - 1 if (other, a["seed"]) in runs else None
+
+    if tops and any((BASELINE, a["seed"]) in runs for a in tops):
+        out["top_vs_all"] = {
+            "equal_steps": _seed_values(tops, versus(BASELINE)),
+            "equal_time": _seed_values(tops, versus(EQUAL_TIME)),
+            "equal_time_steps": {str(s): a["steps"] for (n, s), a in runs.items() if n == EQUAL_TIME},
+        }
+    return out
 
 
 def _nll(arm: dict | None) -> float | None:
@@ -510,20 +771,14 @@ def answers(arms: dict[str, dict]) -> dict[str, Any]:
 
 
 def run_study(args: StudyArguments, *, log=print, command: list[str] | None = None) -> dict[str, Any]:
-    """Run every arm of ``args`` and write study.json / study.md / study.png to ``args.output_dir``."""
+    """Run every arm of ``args`` once per seed, with its matched controls, and write study.json /
+    study.md / study.png to ``args.output_dir``."""
     out = Path(args.output_dir)
     previous = _previous(out / "study.json", args) if args.resume else None
     if previous is None:
         out = check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, create=False)
     say = (lambda *a: None) if args.quiet else log
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, tokenizer = load_model(
-        args.model,
-        device=str(device) if device.type == "cuda" else None,
-        dtype=args.torch_dtype_name,
-        trust_remote_code=args.trust_remote_code,
-    )
-    base.eval()
+    base, tokenizer, device = load_base(args)
     train = load_data(str(Path(args.gsm8k_dir) / "train.jsonl"))
     # Rows whose prompt fills max_length have nothing to learn and are dropped (tokenize_dataset
     # warns with the count); longer answers are cut at max_length.
@@ -533,8 +788,9 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         "dropped_rows": len(train) - len(rows),
         "truncated_rows": sum(len(r["input_ids"]) >= args.max_length for r in rows),
     }
+    seeds = args.run_seeds
     # twice the steps: the equal-time arm may run longer than the others (the order is prefix-stable)
-    order = batch_order(len(rows), 2 * args.steps, args.batch_size, args.seed)
+    orders = {seed: batch_order(len(rows), 2 * args.steps, args.batch_size, seed) for seed in seeds}
     inputs = load_eval_inputs(args)
     record: dict[str, Any] = previous or {
         "settings": args.fingerprint(),
@@ -547,7 +803,11 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         "command": command,
         "base": None,
         "arms": [],
+        "controls": [],
     }
+    record["seeds"] = list(dict.fromkeys([*record.get("seeds", []), *seeds]))
+    record["controls_per_seed"] = max(args.controls, record.get("controls_per_seed", 0))
+    record["num_layers"] = find_blocks(base).num_layers
 
     def write() -> None:
         _write(out, record)
@@ -560,39 +820,75 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         write()
     probes: dict = {}
 
-    def train(name: str, arm_order: list[list[int]]) -> None:
-        say(f"{name}: training {len(arm_order)} steps ...")
+    def run(name: str, seed: int) -> dict | None:
+        return next((a for a in record["arms"] if a["arm"] == name and a["seed"] == seed), None)
+
+    def train(name: str, seed: int, arm_order: list[list[int]]) -> None:
+        say(f"{name} (seed {seed}): training {len(arm_order)} steps ...")
         start = time.perf_counter()
-        result = run_arm(base, tokenizer, ARMS[name], rows, arm_order, inputs, args, probes)
+        result = run_arm(base, tokenizer, ARMS[name], rows, arm_order, inputs, args, probes, seed)
         result["seconds"] = time.perf_counter() - start
         record["arms"].append(result)
-        say(f"{name}: layers {result['selected_layers']}, step {result['step_seconds']:.2f} s, "
+        for (s, params), (scores, seconds) in probes.items():  # the probe(s) this run made
+            probe = {"scores": dict(scores), "probe_seconds": seconds}
+            record.setdefault("scores_by_seed", {}).setdefault(str(s), {})[params] = probe
+            if s == args.seed:
+                record.setdefault("scores", {})[params] = probe
+        say(f"{name} (seed {seed}): layers {result['selected_layers']}, step {result['step_seconds']:.2f} s, "
             f"GSM8K NLL {result['metrics'].get('gsm8k_nll', float('nan')):.4f}")  # fmt: skip
         write()
 
-    done = lambda name: any(a["arm"] == name for a in record["arms"])  # noqa: E731
-    for name in args.arms:
-        if name != EQUAL_TIME and not done(name):
-            train(name, order[: args.steps])
-        elif name != EQUAL_TIME:
-            say(f"{name}: kept from the earlier run")
-    record["num_layers"] = len(next(a for a in record["arms"] if a["arm"] == BASELINE)["selected_layers"])
-    trained = [a for a in record["arms"] if a["arm"] != EQUAL_TIME]
-    timed = set((record.get("timing") or {}).get("median_seconds", {}))
-    if args.time_rounds and timed != {a["arm"] for a in trained}:
-        say(f"timing {len(trained)} arms side by side ...")
-        record["timing"] = time_arms(base, tokenizer, trained, rows, order, args, say)
+    def control(parent: dict, draw: int, arm_order: list[list[int]]) -> None:
+        start = time.perf_counter()
+        earlier = [a for a in record["arms"] if a["arm"] != EQUAL_TIME] + record["controls"]
+        result = run_control(base, tokenizer, parent, draw, rows, arm_order, inputs, args, earlier)
+        result["seconds"] = time.perf_counter() - start
+        record["controls"].append(result)
+        reused = f" (the result of {result['same_as']['arm']})" if "same_as" in result else ""
+        say(f"{parent['arm']} (seed {parent['seed']}) control {draw}: layers {result['selected_layers']}"
+            f"{reused}, GSM8K NLL {result['metrics'].get('gsm8k_nll', float('nan')):.4f}")  # fmt: skip
         write()
-    if EQUAL_TIME in args.arms and not done(EQUAL_TIME):
-        # as many all-layer steps as fit in the default arm's wall-clock, probe included
-        top = next(a for a in record["arms"] if a["arm"] == DEFAULT_ARM)
-        all_layers = next(a for a in record["arms"] if a["arm"] == BASELINE)
-        wall = top["probe_seconds"] + args.steps * _step_seconds(record, top)
-        steps = math.floor(wall / _step_seconds(record, all_layers))
-        train(EQUAL_TIME, order[: max(1, min(steps, len(order)))])
+
+    for seed in seeds:
+        for name in args.arms:
+            if name != EQUAL_TIME and run(name, seed) is None:
+                train(name, seed, orders[seed][: args.steps])
+            elif name != EQUAL_TIME:
+                say(f"{name} (seed {seed}): kept from the earlier run")
+        for name in args.arms:
+            parent = run(name, seed)
+            if ARMS[name].strategy not in PROBED or not args.controls:
+                continue
+            if matched_choices(parent["selected_layers"], record["num_layers"]) == 1:
+                say(f"{name} (seed {seed}): layers {parent['selected_layers']} are every layer from the "
+                    f"lowest up; no matched random control differs from them")  # fmt: skip
+                continue
+            for draw in range(args.controls):
+                if not any(
+                    c["arm"] == name and c["seed"] == seed and c["draw"] == draw for c in record["controls"]
+                ):
+                    control(parent, draw, orders[seed][: args.steps])
+    trained = [a for a in record["arms"] if a["arm"] != EQUAL_TIME]
+    timing = record.get("timing") or {}
+    timed = [list(v) for v in timing.get("configs", {}).values()]
+    needed: list[list] = []
+    for signature in map(_signature, trained):
+        if signature not in needed:
+            needed.append(signature)
+    if args.time_rounds and sorted(map(repr, timed)) != sorted(map(repr, needed)):
+        say(f"timing {len(needed)} selections side by side ...")
+        record["timing"] = time_arms(base, tokenizer, trained, rows, orders[seeds[0]], args, say)
+        write()
+    if EQUAL_TIME in args.arms:
+        for seed in seeds:
+            if run(EQUAL_TIME, seed) is not None:
+                continue
+            # as many all-layer steps as fit in the default arm's wall-clock, probe included
+            top, all_layers = run(DEFAULT_ARM, seed), run(BASELINE, seed)
+            wall = top["probe_seconds"] + args.steps * _step_seconds(record, top)
+            steps = math.floor(wall / _step_seconds(record, all_layers))
+            train(EQUAL_TIME, seed, orders[seed][: max(1, min(steps, len(orders[seed])))])
     record["budget_layers"] = budget(record["num_layers"], args.top_pct)
-    for params, (scores, seconds) in probes.items():  # the probe(s) this run made
-        record.setdefault("scores", {})[params] = {"scores": dict(scores), "probe_seconds": seconds}
     record["answers"] = summarize(record)
     write()
     plot_study(record, out / "study.png")
@@ -600,21 +896,17 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
 
 
 def _previous(path: Path, args: StudyArguments) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    record.pop("answers", None)  # derived, recomputed at the end (perhaps by newer code)
-    old = record.get("settings", {})
-    # a setting absent from an older record ran with its default
-    changed = sorted(
-        k for k, v in args.fingerprint().items() if old.get(k, StudyArguments.default_of(k)) != v
+    record = resumable_record(
+        path, args.fingerprint(), StudyArguments.default_of, derived=("answers", "across_seeds")
     )
-    changed += sorted(set(old) - set(args.fingerprint()))
-    if changed:
-        raise ValueError(
-            f"--resume: {path} was written with other settings ({', '.join(changed)}); use the same "
-            f"flags, or a new --output_dir."
-        )
+    if record is None:
+        return None
+    old = record.get("settings", {})
+    # a record from before --seeds: its runs are --seed's, and it has no controls yet
+    for a in record["arms"]:
+        a.setdefault("seed", old.get("seed", StudyArguments.default_of("seed")))
+    record.setdefault("controls", [])
+    record.setdefault("seeds", sorted({a["seed"] for a in record["arms"]}))
     return record
 
 
@@ -649,20 +941,29 @@ def _layers(layers: list[int]) -> str:
     return ",".join(spans)
 
 
+def _seeds(record: dict[str, Any]) -> list[int]:
+    return list(dict.fromkeys(a.get("seed", 0) for a in record.get("arms", [])))
+
+
 def markdown_table(record: dict[str, Any]) -> str:
+    """One row per run (arm and seed; a ``seed`` column when there are several)."""
     base = record.get("base") or {}
+    seeded = len(_seeds(record)) > 1
     metric_cols = [c for c in _COLUMNS if c[0] in base]
     forget_cols = [c for c in _FORGET if c[0] in base]
-    head = ["arm", "layers", "trainable", *[c[1] for c in metric_cols], "vs all",
-            *[c[1] for c in forget_cols], "speedup", "predicted", "steps", "probe s", "wall s"]  # fmt: skip
-    base_cells = ["base model", "-", "0", *[c[2].format(base[c[0]]) for c in metric_cols], "",
-                  *["" for _ in forget_cols], "", "", "0", "", ""]  # fmt: skip
+    head = ["arm", *(["seed"] if seeded else []), "layers", "trainable", *[c[1] for c in metric_cols],
+            "vs all", *[c[1] for c in forget_cols], "speedup", "predicted", "steps", "probe s",
+            "wall s"]  # fmt: skip
+    base_cells = ["base model", *([""] if seeded else []), "-", "0",
+                  *[c[2].format(base[c[0]]) for c in metric_cols], "", *["" for _ in forget_cols], "", "",
+                  "0", "", ""]  # fmt: skip
     rows = [base_cells]
-    for a in record.get("arms", []):
+    for a in [a for runs in _by_arm(record.get("arms", [])).values() for a in runs]:
         m, d = a["metrics"], a.get("delta") or _deltas(a, base)
         vs = a.get("gsm8k_nll_vs_all")
         cells = [
             f"**{a['arm']}**" if a["arm"] == DEFAULT_ARM else a["arm"],
+            *([str(a.get("seed", ""))] if seeded else []),
             _layers(a["selected_layers"]),
             f"{a['trainable_params'] / 1e6:.2f}M",
             *[c[2].format(m[c[0]]) if c[0] in m else "" for c in metric_cols],
@@ -678,8 +979,112 @@ def markdown_table(record: dict[str, Any]) -> str:
     return render_table(head, rows) + "\n"
 
 
+def _f(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _mean_sd(x: dict[str, Any], spec: str = ".4f") -> str:
+    if not x.get("n"):
+        return ""
+    sd = f" ± {x['sd']:{spec.lstrip('+')}}" if x.get("sd") is not None else ""
+    return f"{x['mean']:{spec}}{sd} (n={x['n']})"
+
+
+def seeds_table(record: dict[str, Any]) -> str:
+    """Per arm: test NLL mean, sd and n over seeds, and the per-seed values."""
+    across = record.get("across_seeds") or across_seeds(record)
+    head = ["arm", "n", "GSM8K test NLL mean", "sd", "per seed", "layers per seed"]
+    rows = []
+    for name, arm in across.items():
+        nll = arm.get("gsm8k_nll")
+        if not nll:
+            continue
+        layers = {_layers(v) for v in arm["selected_layers"].values()}
+        rows.append([
+            f"**{name}**" if name == DEFAULT_ARM else name, nll["n"], _f(nll["mean"], ".4f"),
+            _f(nll["sd"], ".4f"),
+            ", ".join(f"{s}: {v:.4f}" for s, v in nll["values"].items()),
+            next(iter(layers)) if len(layers) == 1
+            else "; ".join(f"{s}: {_layers(v)}" for s, v in arm["selected_layers"].items()),
+        ])  # fmt: skip
+    return render_table(head, rows) + "\n"
+
+
+def controls_table(record: dict[str, Any]) -> str:
+    """Each probe-driven arm against its cost-matched random controls (``answers["vs_matched_random"]``)."""
+    matched = (record.get("answers") or seed_answers(record)).get("vs_matched_random", {})
+    head = ["arm", "seeds", "lowest layer", "size", "arm NLL", "controls NLL", "Δ (controls - arm)", "SE",
+            "Δ / SE", "p (one-sided)", "relabellings", "step s arm / controls"]  # fmt: skip
+    rows = []
+    for name, m in matched.items():
+        seeds = m["by_seed"].values()
+        lowest = sorted({min(v["arm_layers"]) for v in seeds})
+        sizes = sorted({len(v["arm_layers"]) for v in seeds})
+        steps = (f"{m['arm_step_seconds']:.3f} / {m['control_step_seconds']:.3f}"
+                 if m["arm_step_seconds"] and m["control_step_seconds"] else "")  # fmt: skip
+        p = "" if m["p_value"] is None else f"{m['p_value']:.4f}" + ("" if m["exact"] else " (drawn)")
+        rows.append([
+            f"**{name}**" if name == DEFAULT_ARM else name,
+            f"{m['seeds']}" + (f" (+{len(m['no_alternative_seeds'])} without)" if m["no_alternative_seeds"]
+                               else ""),
+            ",".join(map(str, lowest)), ",".join(map(str, sizes)), _mean_sd(m["arm_nll"]),
+            _mean_sd(m["control_nll"]), _f(m["difference"], "+.4f"), _f(m["se"], ".4f"), _f(m["z"], "+.2f"),
+            p,
+            m["relabellings"] if m["p_value"] is not None else "", steps,
+        ])  # fmt: skip
+    return render_table(head, rows) + "\n"
+
+
+def _reused(control: dict) -> str:
+    same = control.get("same_as")
+    if same is None:
+        return "yes"
+    return f"result of {same['arm']}" + (f" draw {same['draw']}" if same["draw"] is not None else "")
+
+
+def control_runs_table(record: dict[str, Any]) -> str:
+    head = ["arm", "seed", "draw", "layers", "arm layers", "GSM8K test NLL", "step s", "trained"]
+    rows = [
+        [c["arm"], c["seed"], c["draw"], _layers(c["selected_layers"]), _layers(c["arm_layers"]),
+         _f(c["metrics"].get("gsm8k_nll"), ".4f"), f"{c['step_seconds']:.3f}",
+         _reused(c)]
+        for c in record.get("controls", [])
+    ]  # fmt: skip
+    return render_table(head, rows) + "\n"
+
+
+def _matched_line(name: str, m: dict[str, Any]) -> str:
+    head = f"- **`{name}` vs cost-matched random (its size and lowest layer, equal steps):** "
+    if not m["seeds"]:
+        why = (
+            "its selection is every layer from its lowest up in every seed, so no other selection matches it"
+            if m["no_alternative_seeds"]
+            else "no controls in the record (run with --controls K, and --resume true to add them)"
+        )
+        return head + why + "."
+    line = head + f"test NLL {_mean_sd(m['arm_nll'])} against the controls' {_mean_sd(m['control_nll'])}"
+    line += f"; Δ (controls - arm) {m['difference']:+.4f}"
+    if m["z"] is not None:
+        line += f" = {m['z']:+.2f} SE"
+    if m["p_value"] is not None:
+        how = f"exact over {m['relabellings']:,} relabellings" if m["exact"] else "10,000 drawn relabellings"
+        verdict = "better than its controls" if m["p_value"] <= 0.05 else "not shown better than its controls"
+        line += f"; one-sided permutation p = {m['p_value']:.4f} ({how}): {verdict} at the 5% level"
+    if m["no_alternative_seeds"]:
+        line += f" (seeds {m['no_alternative_seeds']} left out: no other matched selection)"
+    return line + "."
+
+
 def _answer_lines(ans: dict[str, Any]) -> list[str]:
-    lines = []
+    lines = [_matched_line(name, m) for name, m in (ans.get("vs_matched_random") or {}).items()]
+    t = ans.get("top_vs_all")
+    if t and t["equal_steps"]["n"] > 1:
+        line = (
+            f"- **`top` vs all-layer LoRA over seeds:** at equal steps {_mean_sd(t['equal_steps'], '+.1%')}"
+        )
+        if t["equal_time"]["n"]:
+            line += f"; at equal wall-clock (probe included) {_mean_sd(t['equal_time'], '+.1%')}"
+        lines.append(line + " in test NLL.")
     r = ans.get("top_vs_random")
     if r:
         verdict = (
@@ -765,6 +1170,13 @@ def _answer_lines(ans: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _seed_words(record: dict[str, Any]) -> str:
+    seeds, eval_seed = _seeds(record), record["settings"].get("seed", 0)
+    if seeds in ([], [eval_seed]):
+        return f"seed {eval_seed}"
+    return f"seeds {', '.join(map(str, seeds))} (evaluation items from seed {eval_seed})"
+
+
 def markdown_report(record: dict[str, Any]) -> str:
     s = record["settings"]
     hw = record.get("hardware", {})
@@ -779,14 +1191,41 @@ def markdown_report(record: dict[str, Any]) -> str:
         f"# Layer-selection study: {record['model']}",
         "",
         f"GSM8K train, {s['steps']} steps x batch {s['batch_size']} (max {s['max_length']} tokens), lr "
-        f"{s['learning_rate']}, r={s['r']}, budget {s['top_pct']}% of layers, seed {s['seed']}; test NLL on "
-        f"{s['test_limit']} GSM8K test questions. Forgetting Δ = arm - base model (NLL: lower is better; "
-        f"MMLU accuracy: higher is better). Speedup = lora-all's median step time / the arm's, {timing}; "
-        f"predicted = the cost model's. `wall s` = probe + steps x that step time. Machine: "
+        f"{s['learning_rate']}, r={s['r']}, budget {s['top_pct']}% of layers, {_seed_words(record)}; test "
+        f"NLL on {s['test_limit']} GSM8K test questions. Forgetting Δ = arm - base model (NLL: lower is "
+        f"better; MMLU accuracy: higher is better). Speedup = lora-all's median step time / the arm's, "
+        f"{timing}; predicted = the cost model's. `wall s` = probe + steps x that step time. Machine: "
         f"{hw.get('cpu', '?')}, {hw.get('device', '?')}, {hw.get('torch_threads', '?')} threads.",
         "",
         markdown_table(record),
     ]
+    if any(a["metrics"].get("gsm8k_nll") is not None for a in record.get("arms", [])):
+        lines += [
+            "## Across seeds",
+            "",
+            "Each arm's GSM8K test NLL over the seeds it ran: mean, sample standard deviation (n - 1), n, "
+            "and the value of every seed. A seed sets the data order, the LoRA initialisation and the "
+            "probe's batches; the test questions are the same for every seed.",
+            "",
+            seeds_table(record),
+        ]
+    matched = (record.get("answers") or seed_answers(record)).get("vs_matched_random")
+    if matched:
+        lines += [
+            "## Against cost-matched random controls",
+            "",
+            "Controls: random selections of the arm's size that keep its lowest layer and draw the rest "
+            "above it (so the same backward depth and step cost), with the arm's ranks, seed and steps and "
+            "no probe. Δ = mean over seeds of (controls' mean NLL - the arm's): positive, the arm is better. "
+            "SE from the within-seed spread, pooled over seeds. p: one-sided permutation p-value of the "
+            "arm's NLLs against the controls', relabelled within each seed; exact up to 10,000 "
+            "relabellings, else 10,000 drawn. The smallest p possible is 1 / relabellings. Step s: the "
+            "training runs' own medians.",
+            "",
+            controls_table(record),
+        ]
+        if record.get("controls"):
+            lines += ["### Control runs", "", control_runs_table(record)]
     if record.get("answers"):
         lines += ["## Answers", "", *_answer_lines(record["answers"]), ""]
     if record.get("command"):
@@ -795,26 +1234,36 @@ def markdown_report(record: dict[str, Any]) -> str:
 
 
 def plot_study(record: dict[str, Any], path: str | Path) -> None:
-    """Left: GSM8K test NLL against measured speedup, one point per arm. Right: forgetting deltas."""
-    arms = [a for a in record["arms"] if "gsm8k_nll" in a["metrics"]]
+    """Left: GSM8K test NLL against measured speedup, one point per arm (the mean over seeds, with the sd
+    as an error bar), and each arm's controls in grey at the arm's speedup. Right: forgetting deltas (mean
+    over seeds)."""
+    means = [_mean_entry(runs) for runs in _by_arm(record["arms"]).values()]
+    across = record.get("across_seeds") or across_seeds(record)
     fig = new_figure((11, 4.5))
     left, right = fig.subplots(1, 2)
-    for a in arms:
+    for a in means:
+        if "gsm8k_nll" not in a["metrics"]:
+            continue
         x, y = a.get("measured_speedup", 1.0), a["metrics"]["gsm8k_nll"]
+        sd = (across.get(a["arm"], {}).get("gsm8k_nll") or {}).get("sd")
         color = "C3" if a["arm"] == DEFAULT_ARM else ("C0" if a["arm"].startswith("lora-all") else "C7")
-        left.scatter([x], [y], color=color, zorder=3)
+        controls = [
+            _nll(c) for c in record.get("controls", []) if c["arm"] == a["arm"] and _nll(c) is not None
+        ]
+        if controls:
+            left.scatter([x] * len(controls), controls, color="0.75", marker="x", s=14, zorder=2)
+        left.errorbar([x], [y], yerr=[sd] if sd else None, color=color, fmt="o", capsize=3, zorder=3)
         left.annotate(a["arm"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     base = (record.get("base") or {}).get("gsm8k_nll")
-    left.set_xlabel("measured step-time speedup over lora-all")
+    left.set_xlabel("measured step-time speedup over lora-all" + ("; x: matched random controls" if
+                    record.get("controls") else ""))  # fmt: skip
     left.set_ylabel("GSM8K test NLL (lower is better)" + (f"; base model {base:.3f}" if base else ""))
     left.grid(alpha=0.3)
-    keys = [
-        k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in record["arms"])
-    ]
-    names = [a["arm"] for a in record["arms"]]
+    keys = [k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in means)]
+    names = [a["arm"] for a in means]
     height = 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
-        values = [a["delta"][key] for a in record["arms"]]
+        values = [a["delta"][key] for a in means]
         right.barh([i + j * height for i in range(len(names))], values, height=height, label=key + " Δ")
     right.set_yticks([i + height * (len(keys) - 1) / 2 for i in range(len(names))], names, fontsize=7)
     right.invert_yaxis()
@@ -826,4 +1275,18 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     save_png(fig, path)
 
 
-__all__ = ["ARMS", "Arm", "StudyArguments", "batch_order", "markdown_table", "run_study", "train_arm"]
+__all__ = [
+    "ARMS",
+    "Arm",
+    "StudyArguments",
+    "across_seeds",
+    "batch_order",
+    "controls_table",
+    "markdown_table",
+    "matched_comparison",
+    "run_control",
+    "run_study",
+    "seed_answers",
+    "seeds_table",
+    "train_arm",
+]
