@@ -194,7 +194,7 @@ def test_limit_is_deterministic(ws, tmp_path):
     assert runs[0] == runs[1] and runs[0]["task"]["n"] == 3
     model, tokenizer = _load(ws)
     rows = F.sample(F.load_task_rows(str(ws / "data.jsonl")), 3, seed=7)
-    task = F.TaskRows(rows, "data.jsonl", "every row", max_length=32)
+    task = F.TaskRows(rows, "data.jsonl", "every row", max_length=32, max_new_tokens=3)
     assert F.task_suite(model, tokenizer, task) == runs[0]["task"]
 
 
