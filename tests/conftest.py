@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 import transformers as T
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T.logging.set_verbosity_error()
@@ -117,3 +119,21 @@ def llama():
 @pytest.fixture
 def rows():
     return token_rows()
+
+
+def expected_probed_names(block: nn.Module, params: str) -> set[str]:
+    """Which tensors of a block the probe should score, decided independently of the library."""
+    if params == "all":
+        return {n for n, p in block.named_parameters() if p.is_floating_point()}
+    names = set()
+    for mod_name, module in block.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, (nn.Linear, Conv1D)):
+            names.add(f"{prefix}weight")
+        elif "Router" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
+            names.add(f"{prefix}weight")
+        else:
+            for p_name, p in module.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    names.add(f"{prefix}{p_name}")
+    return names

@@ -478,7 +478,7 @@ def test_eval_of_a_run_scores_its_held_out_rows_with_trains_numbers(trained, tmp
     err = capsys.readouterr().err
     assert "task: " in err and "data.jsonl" in err and "held-out" in err  # said on the console too
     md = (tmp_path / "e" / "eval.md").read_text()
-    assert "task data: " in md and "data.jsonl" in md and "hit that limit unfinished" in md
+    assert "task data: " in md and "data.jsonl" in md and "hit the limit unfinished" in md
 
 
 def test_eval_refuses_to_score_training_rows_of_a_file_without_a_test_split(

@@ -9,9 +9,8 @@ import warnings
 import datasets
 import pytest
 import torch
-from conftest import tiny_model, token_rows, word_tokenizer
+from conftest import expected_probed_names, tiny_model, token_rows, word_tokenizer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from aletheia_lora import LayerScores, find_blocks, gradient_probe, select_layers
 from aletheia_lora.batches import probe_batches as make_probe_batches
@@ -43,24 +42,6 @@ def assert_scores_close(a: LayerScores, b: LayerScores, rel: float, *, modules: 
                 )
 
 
-def _expected_probed_names(block: nn.Module, params: str) -> set[str]:
-    """Which tensors of a block the probe should score, decided independently of the library."""
-    if params == "all":
-        return {n for n, p in block.named_parameters() if p.is_floating_point()}
-    names = set()
-    for mod_name, module in block.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, (nn.Linear, Conv1D)):
-            names.add(f"{prefix}weight")
-        elif "Router" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
-            names.add(f"{prefix}weight")
-        else:
-            for p_name, p in module.named_parameters(recurse=False):
-                if p.dim() == 3:
-                    names.add(f"{prefix}{p_name}")
-    return names
-
-
 def _pad(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     width = max(len(r["input_ids"]) for r in rows)
     ids, mask, labels = [], [], []
@@ -85,7 +66,7 @@ def brute_force(model: nn.Module, batches: list[list[dict]], params: str) -> tup
     for p in model.parameters():
         p.requires_grad_(True)
     blocks = find_blocks(model).blocks
-    names = [_expected_probed_names(block, params) for block in blocks]
+    names = [expected_probed_names(block, params) for block in blocks]
     totals = {layer: 0.0 for layer in range(len(blocks))}
     per_name: dict[int, dict[str, float]] = {layer: dict.fromkeys(names[layer], 0.0) for layer in totals}
     for rows in batches:

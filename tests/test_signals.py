@@ -14,9 +14,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, token_rows
+from conftest import expected_probed_names, tiny_model, token_rows
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from aletheia_lora import LayerScores, find_blocks, gradient_probe, select_layers
 from aletheia_lora.batches import probe_batches as make_probe_batches
@@ -31,20 +30,9 @@ REL = 1e-4
 
 
 def _probed(block: nn.Module, params: str) -> dict[str, nn.Parameter]:
-    """The tensors the probe scores, decided here from module types (not by the library)."""
+    """The tensors the probe scores, decided from module types (conftest), not by the library."""
     named = dict(block.named_parameters())
-    if params == "all":
-        return {n: p for n, p in named.items() if p.is_floating_point()}
-    names = set()
-    for mod_name, module in block.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, (nn.Linear, Conv1D)):
-            names.add(f"{prefix}weight")
-        elif "Router" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
-            names.add(f"{prefix}weight")
-        else:
-            names.update(f"{prefix}{n}" for n, p in module.named_parameters(recurse=False) if p.dim() == 3)
-    return {n: named[n] for n in names}
+    return {n: named[n] for n in expected_probed_names(block, params)}
 
 
 def _rank(name: str, ranks: dict[str, int]) -> int:

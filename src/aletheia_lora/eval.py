@@ -20,7 +20,7 @@ from peft import PeftModel
 from .data import MissingSplitError, load_data, load_rows
 from .io import atomic_write_text
 from .models import load_model
-from .report import render_table
+from .report import exact_match_note, render_table
 from .runs import check_output_dir, default_output_dir, read_run_record, versions
 from .settings import DTYPES, DataSettings, ModelSettings, OutputDirSettings
 from .suites import TaskRows, prepare_inputs, resolve_suites, run_suites, sample
@@ -295,16 +295,7 @@ def eval_job(
 
 def _notes(results: dict[str, dict], task: TaskRows | None) -> list[str]:
     """What a reader of the table needs to know: the task's rows, and how exact match was scored."""
-    notes = []
-    if task is not None:
-        notes.append(f"task data: {task.describe()}")
-        metrics = results.get("task", {})
-        if "exact_match" in metrics:
-            notes.append(
-                f"task exact match: greedy answers to {metrics['exact_match_n']} questions, compared on the final "
-                f"number; generation stops at EOS or a complete '#### <number>', at most "
-                f"{metrics['max_new_tokens']} new tokens; {metrics['cut_off']} answer(s) hit that limit unfinished"
-            )
-        elif metrics.get("exact_match_skipped"):
-            notes.append(f"task exact match not scored: {metrics['exact_match_skipped']}")
-    return notes
+    if task is None:
+        return []
+    note = exact_match_note(results.get("task", {}))
+    return [f"task data: {task.describe()}", *([f"task {note}"] if note else [])]

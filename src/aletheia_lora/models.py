@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .presets import preset_config
+from .settings import DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -316,10 +317,9 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-    if name not in ("bfloat16", "float16", "float32"):
+    if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; use bf16, fp16 or fp32.")
-    return getattr(torch, name)
+    return getattr(torch, DTYPES[dtype])
 
 
 def random_model(
