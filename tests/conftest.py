@@ -137,3 +137,11 @@ def expected_probed_names(block: nn.Module, params: str) -> set[str]:
                 if p.dim() == 3:
                     names.add(f"{prefix}{p_name}")
     return names
+
+
+def saved_workspace(root, n_rows: int = 16):
+    """``root/model`` (a tiny 4-layer Llama + word tokenizer, saved) and ``root/data.jsonl`` (Q/A rows)."""
+    tiny_model("llama", num_layers=4).save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    write_jsonl(root / "data.jsonl", qa_rows(n_rows, seed=0))
+    return root

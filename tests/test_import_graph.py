@@ -21,6 +21,7 @@ SRC = Path(aletheia_lora.__file__).parent
 METHOD = {
     "architecture",
     "batches",
+    "contribution",
     "costmodel",
     "io",
     "lora_config",
@@ -32,10 +33,13 @@ METHOD = {
 }
 WORK = {
     "callbacks",
+    "card",
     "code_exec",
     "data",
     "evaluation",
+    "export",
     "finetune",
+    "hub",
     "lm_eval_bridge",
     "models",
     "plan",

@@ -11,6 +11,7 @@ from conftest import qa_rows, tiny_model, word_tokenizer, write_jsonl
 
 from aletheia_lora.cli import main
 from aletheia_lora.oracle import FILES, OracleArguments, resolve_combos, run_oracle
+from aletheia_lora.stats import spearman
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +39,8 @@ def _args(ws: Path, out: Path, **kw) -> OracleArguments:
 def oracle(ws, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("run") / "oracle"
     return run_oracle(
-        _args(ws, out, combos=["top2", "every-other", "0,1,2"]), command=["aletheia-lora", "oracle"]
+        _args(ws, out, combos=["top2", "every-other", "0,1,2"], probe_seeds=[1]),
+        command=["aletheia-lora", "oracle"],
     )
 
 
@@ -140,3 +142,37 @@ def test_cli_prints_the_correlation_table(ws, tmp_path, capsys):
     saved = json.loads((tmp_path / "cli" / "oracle.json").read_text())
     assert list(saved["layers"]) == ["1", "2"]
     assert saved["sessions"][0]["command"][:2] == ["aletheia-lora", "oracle"]
+
+
+def test_every_signal_against_utility_under_each_probe_seed(oracle):
+    assert set(oracle["probe"]["signals"]) == {
+        "grad-norm",
+        "relative",
+        "lora-energy",
+        "coherence",
+        "contribution",
+    }
+    across = oracle["analysis"]["across_probe_seeds"]
+    assert set(across) == set(oracle["probe"]["signals"])
+    utility = [oracle["layers"][str(i)]["utility"] for i in range(3)]
+    other = oracle["probes_by_seed"]["1"]["signals"]
+    for name, v in across.items():
+        assert set(v["spearman"]) == {"0", "1"}
+        assert v["spearman"]["1"] == pytest.approx(spearman([other[name][str(i)] for i in range(3)], utility),
+                                                   nan_ok=True)  # fmt: skip
+        assert v["spearman"]["0"] == pytest.approx(
+            oracle["analysis"]["correlation"][name]["spearman"], nan_ok=True
+        )
+    assert other["grad-norm"] != oracle["probe"]["signals"]["grad-norm"]  # other batches
+    assert "### Across probe seeds" in (Path(oracle["output_dir"]) / "oracle.md").read_text()
+
+
+def test_resume_probes_again_when_the_record_lacks_a_signal(ws, tmp_path):
+    out = tmp_path / "o"
+    run_oracle(_args(ws, out, layers=[0, 1], combos=["none"]))
+    saved = json.loads((out / "oracle.json").read_text())
+    del saved["probe"]["signals"]["contribution"]  # as written before the signal existed
+    (out / "oracle.json").write_text(json.dumps(saved))
+    again = run_oracle(_args(ws, out, layers=[0, 1], combos=["none"], resume=True))
+    assert "contribution" in again["probe"]["signals"] and again["layers"] == saved["layers"]
+    assert again["sessions"][-1]["trained"] == []

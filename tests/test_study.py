@@ -14,7 +14,7 @@ from conftest import WORDS, qa_rows, tiny_model, word_tokenizer, write_jsonl
 import aletheia_lora.study as study_module
 from aletheia_lora import finetune
 from aletheia_lora.cli import main
-from aletheia_lora.stats import blocked_difference, blocked_permutation_pvalue, matched_random
+from aletheia_lora.stats import blocked_difference, blocked_permutation_pvalue, matched_random, spearman
 from aletheia_lora.study import (
     ARMS,
     StudyArguments,
@@ -133,7 +133,7 @@ def test_metrics_deltas_and_answers(study):
     for a in study["arms"]:
         assert a["delta"] == pytest.approx({k: a["metrics"][k] - base[k] for k in base})
     ref = next(a for a in study["arms"] if a["arm"] == "lora-all")
-    assert ref["measured_speedup"] == 1.0 and ref["gsm8k_nll_vs_all"] == 0.0
+    assert ref["measured_speedup"] == 1.0 and ref["nll_vs_all"] == 0.0
     ans = study["answers"]
     assert ans["top_vs_random"]["random_min"] <= ans["top_vs_random"]["random_mean"]
     assert set(ans["targets"]["top"]) == {
@@ -192,7 +192,7 @@ def test_resume_keeps_finished_arms_and_refuses_other_settings(ws, tmp_path):
     first = run_study(_args(ws, out, arms=["last"]), log=lambda *a: None)
     again = run_study(_args(ws, out, arms=["last", "random-1"], resume=True), log=lambda *a: None)
     assert [a["arm"] for a in again["arms"]] == ["lora-all", "last", "random-1"]
-    derived = {"measured_speedup", "delta", "gsm8k_nll_vs_all"}  # recomputed from the new timing
+    derived = {"measured_speedup", "delta", "nll_vs_all"}  # recomputed from the new timing
 
     def trained(arms):
         return [{k: v for k, v in a.items() if k not in derived} for a in json.loads(json.dumps(arms))]
@@ -374,7 +374,7 @@ def _count_training(monkeypatch, stop_after: int | None = None) -> list[int]:
 
 
 def _trained_fields(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k not in {"measured_speedup", "delta", "gsm8k_nll_vs_all"}}
+    return {k: v for k, v in entry.items() if k not in {"measured_speedup", "delta", "nll_vs_all"}}
 
 
 def test_resume_after_a_kill_keeps_finished_runs_bit_identical_and_reruns_none(ws, tmp_path, monkeypatch):
@@ -473,3 +473,52 @@ def test_seed_and_control_arguments(ws, tmp_path):
     # more seeds or controls add runs to a record; they do not make it another study
     assert not {"seeds", "controls"} & set(_args(ws, tmp_path, seeds=[0, 1]).fingerprint())
     assert StudyArguments.default_of("controls") == 3 and StudyArguments.default_of("seeds") is None
+
+
+def test_probe_signals_are_recorded_per_seed_and_their_stability_reported(seeded):
+    stability = seeded["answers"]["probe_stability"]
+    assert set(stability) == {"grad-norm", "relative", "lora-energy", "coherence", "contribution"}
+    signals = {s: seeded["scores_by_seed"][s]["lora-targets"]["signals"] for s in ("0", "1", "2")}
+    for name, v in stability.items():
+        assert set(v["pairs"]) == {"0-1", "0-2", "1-2"}
+        a, b = signals["0"][name], signals["2"][name]
+        layers = sorted(a, key=int)
+        assert v["pairs"]["0-2"] == pytest.approx(spearman([a[k] for k in layers], [b[k] for k in layers]))
+        assert v["mean"] == pytest.approx(statistics.fmean(v["pairs"].values()))
+    # the arms rank by the study's --score (grad-norm by default): top's layers are its highest
+    top = _runs(seeded, "top")[1]
+    ranked = sorted(range(6), key=lambda i: (-signals["1"]["grad-norm"][str(i)], i))
+    assert top["selected_layers"] == sorted(ranked[:3])
+    md = (Path(seeded["output_dir"]) / "study.md").read_text()
+    assert "## Probe signals across seeds" in md and "| **grad-norm** |" in md
+
+
+def test_a_study_on_any_data_scores_held_out_nll_and_ranks_by_the_chosen_signal(ws, tmp_path):
+    rng = random.Random(5)
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(20))} for _ in range(120)]
+    write_jsonl(tmp_path / "text.jsonl", rows)
+    args = _seeded_args(
+        ws, tmp_path / "study", gsm8k_dir=None, data=str(tmp_path / "text.jsonl"), arms=["top"],
+        score="lora-energy", test_limit=5,
+    )  # fmt: skip
+    record = run_study(args, log=lambda *a: None)
+    assert set(record["base"]) >= {"task_nll"} and "gsm8k_nll" not in record["base"]
+    assert record["data"]["name"] == str(tmp_path / "text.jsonl") and record["data"]["format"] == "text"
+    assert record["data"]["test_rows"] == 5 and record["data"]["train_rows"] == 114  # 5% = 6 held out, 5 kept
+    top = _runs(record, "top")[0]
+    energy = record["scores_by_seed"]["0"]["lora-targets"]["signals"]["lora-energy"]
+    assert top["selected_layers"] == sorted(sorted(range(6), key=lambda i: (-energy[str(i)], i))[:3])
+    assert top["metrics"]["task_nll"] < record["base"]["task_nll"]  # it learned the held-out distribution
+    md = (Path(record["output_dir"]) / "study.md").read_text()
+    assert "held-out rows of" in md and "probe signal `lora-energy`" in md
+
+
+def test_a_study_needs_exactly_one_task(ws, tmp_path):
+    with pytest.raises(ValueError, match="exactly one task"):
+        _args(ws, tmp_path, data=str(tmp_path / "x.jsonl"))
+    with pytest.raises(ValueError, match="exactly one task"):
+        _args(ws, tmp_path, gsm8k_dir=None)
+    with pytest.raises(ValueError, match="exact_match=2 needs GSM8K"):
+        _args(ws, tmp_path, gsm8k_dir=None, data="x.jsonl")
+    with pytest.raises(ValueError, match="score='coherence' with probe_batches=1"):
+        _args(ws, tmp_path, score="coherence", probe_batches=1)

@@ -1,6 +1,6 @@
 """`aletheia-lora` command line: parse arguments, call the library, print. Nothing else.
 
-    aletheia-lora probe --model M --data D --output_dir O [--probe_batches 5 ...]
+    aletheia-lora probe --model M --data D --output_dir O [--probe_batches 5 ...] [--export peft|axolotl|llama-factory]
     aletheia-lora train --model M --data D --output_dir O [--top_pct 50] [any TrainingArguments]
     aletheia-lora demo  [--output_dir O] [--max_steps N]
     aletheia-lora bench [--random_init PRESET | --model M] [--gradient_checkpointing both] ...
@@ -101,6 +101,7 @@ GROUPS = {
     "AletheiaConfig": "probe, selection and LoRA",
     "RunSettings": "output",
     "OutputDirSettings": "output",
+    "ExportSettings": "output",
     "BenchArguments": "bench",
     "StudyArguments": "study",
     "EvalArguments": "eval",
@@ -173,11 +174,13 @@ def _aletheia_config(flags, seed: int):
 
 
 def probe(argv: list[str]) -> int:
-    from .settings import AletheiaConfig, DataSettings, ModelSettings, OutputDirSettings
+    from .settings import AletheiaConfig, DataSettings, ExportSettings, ModelSettings, OutputDirSettings
     from .train import probe_job
 
-    model_args, data_args, config, out = _parse(
-        (ModelSettings, DataSettings, AletheiaConfig, OutputDirSettings), argv, "aletheia-lora probe"
+    model_args, data_args, config, out, exporting = _parse(
+        (ModelSettings, DataSettings, AletheiaConfig, OutputDirSettings, ExportSettings),
+        argv,
+        "aletheia-lora probe",
     )
     result = probe_job(
         model_args,
@@ -186,10 +189,13 @@ def probe(argv: list[str]) -> int:
         out.output_dir,
         overwrite_output_dir=out.overwrite_output_dir,
         quiet=out.quiet,
+        export=exporting.export,
     )
     if not out.quiet and result["main_process"]:
         print(result["chart"])
         print(f"wrote {', '.join(result['files'])} to {result['output_dir']}")
+    if result["export_path"] and result["main_process"]:  # the one line a script needs, even with --quiet
+        print(f"{exporting.export} config: {result['export_path']}")
     return 0
 
 
@@ -270,6 +276,8 @@ def _print_summary(result: dict) -> None:
             f"  Q: {ex['question']}\n  A: {ex['output']!r} (gold {ex['gold']}, {'ok' if ex['correct'] else 'wrong'})"
         )
     print(f"\nwrote {', '.join(result['files'])} to {result['output_dir']}")
+    if result.get("hub_commit_url"):
+        print(f"pushed to the Hub: {result['hub_commit_url']}")
     if result.get("checkpoints"):
         print(
             f"kept {checkpoints_text(result['checkpoints'])} to resume from (--save_total_limit sets how many)"

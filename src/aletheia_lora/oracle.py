@@ -54,6 +54,7 @@ from .report import new_figure, render_table, save_png
 from .runs import check_output_dir, hardware, resumable_record, versions
 from .scores import LayerScores
 from .settings import (
+    SCORES,
     AletheiaConfig,
     DataSettings,
     LoraSettings,
@@ -93,6 +94,11 @@ class OracleArguments(ModelSettings, DataSettings, ProbeSettings, LoraSettings, 
         default=0, metadata={"help": "Seed of the data order, the held-out split, LoRA init and the probe."}
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Held-out rows per forward pass."})
+    probe_seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "More probe seeds besides --seed (e.g. 1 2): each probes other batches, and oracle.md "
+                  "shows how stable each signal's correlation with U is across them."},
+    )  # fmt: skip
     resume: bool = field(
         default=False,
         metadata={"help": "Keep the layers and combos an earlier run with the same settings finished."},
@@ -114,6 +120,8 @@ class OracleArguments(ModelSettings, DataSettings, ProbeSettings, LoraSettings, 
             if not self.layers or min(self.layers) < 0:
                 raise ValueError(f"layers={self.layers}; give block indices >= 0 (or leave it out for all).")
             self.layers = sorted(set(self.layers))
+        if isinstance(self.probe_seeds, int):
+            self.probe_seeds = [self.probe_seeds]
         if isinstance(self.combos, str):
             self.combos = [self.combos]
         bad = [c for c in self.combos if not _COMBO.fullmatch(c)]
@@ -126,7 +134,7 @@ class OracleArguments(ModelSettings, DataSettings, ProbeSettings, LoraSettings, 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change results (what ``--resume`` must match)."""
         skip = {"layers", "combos", "output_dir", "resume", "overwrite_output_dir", "quiet",
-                "trust_remote_code", "eval_generate"}  # fmt: skip
+                "trust_remote_code", "eval_generate", "probe_seeds"}  # fmt: skip
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     @classmethod
@@ -324,11 +332,19 @@ def run_oracle(args: OracleArguments, *, log=print, command: list[str] | None = 
         record["base_eval_seconds"] = time.perf_counter() - start
         say(f"base model: held-out loss {record['base_loss']:.4f} on {len(data.eval)} rows")
         write()
-    if record["probe"] is None:
+    # a record from before a signal existed is probed again (U does not change; the probe is cheap)
+    if record["probe"] is None or set(SCORES) - set(record["probe"].get("signals") or {}):
         scores, seconds = probe_signals(base, data.train, config, tokenizer)
         record["probe"] = scores.to_dict() | {"probe_seconds": seconds}
         say(f"probe: {seconds:.1f} s, signals {sorted(scores.signals) or ['grad-norm']}")
         write()
+    others = record.setdefault("probes_by_seed", {})
+    for s in args.probe_seeds or []:
+        if s != args.seed and set(SCORES) - set((others.get(str(s)) or {}).get("signals") or {}):
+            scores, seconds = probe_signals(base, data.train, dataclasses.replace(config, seed=s), tokenizer)
+            others[str(s)] = {"signals": scores.to_dict()["signals"], "probe_seconds": seconds}
+            say(f"probe (seed {s}): {seconds:.1f} s")
+            write()
 
     todo = [i for i in layers if str(i) not in record["layers"]]
     for n, i in enumerate(todo):
@@ -379,6 +395,16 @@ def signals_of(record: dict[str, Any]) -> dict[str, dict[int, float]]:
     return {name: {int(k): float(v) for k, v in values.items()} for name, values in raw.items()}
 
 
+def signals_by_seed(record: dict[str, Any]) -> dict[str, dict[str, dict[int, float]]]:
+    """Probe seed -> its signals: the main probe's (``--seed``) and every ``--probe_seeds`` one's."""
+    out = {str(record["settings"].get("seed", 0)): signals_of(record)}
+    for s, probe in sorted((record.get("probes_by_seed") or {}).items(), key=lambda kv: int(kv[0])):
+        out[s] = {
+            name: {int(k): float(v) for k, v in values.items()} for name, values in probe["signals"].items()
+        }
+    return out
+
+
 def utilities(record: dict[str, Any]) -> dict[int, float]:
     return {int(k): v["utility"] for k, v in record.get("layers", {}).items()}
 
@@ -396,6 +422,24 @@ def analyse(record: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
         best = sum(utility[i] for i in ranking(utility)[:k])
         out["random_top_half_captured"] = k * statistics.fmean(utility.values()) / best if best > 0 else None
         out["random_top_half_overlap"] = k / len(utility)
+        seeded = signals_by_seed(record)
+        if len(seeded) > 1:  # each signal's correlation with U, probe seed by probe seed
+            layers = sorted(utility)
+            for name in out["correlation"]:
+                if name == DEPTH:
+                    continue
+                rho = {
+                    s: spearman([sig[name][i] for i in layers], [utility[i] for i in layers])
+                    for s, sig in seeded.items()
+                    if name in sig and all(i in sig[name] for i in layers)
+                }
+                values = [v for v in rho.values() if not math.isnan(v)]
+                out.setdefault("across_probe_seeds", {})[name] = {
+                    "spearman": rho,
+                    "mean": statistics.fmean(values) if values else None,
+                    "sd": statistics.stdev(values) if len(values) > 1 else None,
+                    "min": min(values) if values else None,
+                }
     for c in record.get("combos", []):
         if all(i in utility for i in c["layers"]):
             total = sum(utility[i] for i in c["layers"])
@@ -460,6 +504,20 @@ def correlation_table(record: dict[str, Any]) -> str:
     return render_table(head, rows) + "\n"
 
 
+def seeds_table(record: dict[str, Any]) -> str:
+    """Each signal's Spearman correlation with U under every probe seed."""
+    a = record.get("analysis") or analyse(record)
+    across = a.get("across_probe_seeds") or {}
+    seeds = list(signals_by_seed(record))
+    head = ["signal", *[f"ρ seed {s}" for s in seeds], "mean", "sd", "min"]
+    rows = [
+        [name, *[_f(v["spearman"].get(s), "+.3f") for s in seeds], _f(v["mean"], "+.3f"), _f(v["sd"], ".3f"),
+         _f(v["min"], "+.3f")]
+        for name, v in across.items()
+    ]  # fmt: skip
+    return render_table(head, rows) + "\n"
+
+
 def additivity_table(record: dict[str, Any]) -> str:
     a = record.get("analysis") or analyse(record)
     step = {tuple(c["layers"]): c["step_seconds"] for c in record.get("combos", [])}
@@ -519,6 +577,15 @@ def markdown_report(record: dict[str, Any]) -> str:
             f"`{DEPTH}` ranks deeper layers higher.",
             "",
             correlation_table(record),
+        ]
+    if (record.get("analysis") or {}).get("across_probe_seeds"):
+        lines += [
+            "### Across probe seeds",
+            "",
+            "The same correlation with U (Spearman ρ) for probes of other seeds, that is of other probe "
+            "batches (and, for contribution, another LoRA initialisation); U is the same.",
+            "",
+            seeds_table(record),
         ]
     if record.get("combos"):
         lines += [

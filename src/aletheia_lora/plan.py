@@ -20,9 +20,13 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from .architecture import Architecture, find_blocks
+from .contribution import NAME as CONTRIBUTION
+from .contribution import lora_warmup, warm_start
 from .costmodel import CostModel, cost_model
+from .export import export_plan
 from .lora_config import apply_aletheia_lora, lora_param_count, refuse_peft_model
-from .probe import gradient_probe
+from .models import base_model_reference
+from .probe import SIGNALS, gradient_probe
 from .scores import LayerScores
 from .selection import select_layers
 from .settings import AletheiaConfig
@@ -44,6 +48,14 @@ class AletheiaPlan:
     all_layer_trainable_params: int
     predicted_speedup: float | None = None  # step time of all-layer LoRA / this plan's (cost model)
     calibration: dict[str, Any] | None = None  # the cost model's fit on this machine (calibrate_cost)
+    blocks_path: str | None = None  # where the decoder blocks live ("model.layers"); names modules in exports
+    base_model: str | None = None  # what the adapter names as its base: a hub id, or a local path
+    warm_started: int = 0  # adapter tensors that start from the contribution warm-up's weights
+
+    def export(self, fmt: str) -> str:
+        """This selection as a config snippet for another trainer: ``fmt`` is one of
+        ``peft`` (adapter_config.json), ``axolotl`` or ``llama-factory`` (YAML); see :mod:`.export`."""
+        return export_plan(self, fmt)
 
     @property
     def trainable_fraction(self) -> float:
@@ -61,6 +73,9 @@ class AletheiaPlan:
             "all_layer_trainable_params": self.all_layer_trainable_params,
             "predicted_speedup": self.predicted_speedup,
             "calibration": self.calibration,
+            "blocks_path": self.blocks_path,
+            "base_model": self.base_model,
+            "warm_started": self.warm_started,
             "config": self.config.to_dict(),
             "lora_config": json.loads(json.dumps(lora, default=str)),
             "scores": self.scores.to_dict(),
@@ -86,6 +101,9 @@ class AletheiaPlan:
             all_layer_trainable_params=data["all_layer_trainable_params"],
             predicted_speedup=data.get("predicted_speedup"),
             calibration=data.get("calibration"),
+            blocks_path=data.get("blocks_path"),
+            base_model=data.get("base_model"),
+            warm_started=data.get("warm_started", 0),
         )
 
     @classmethod
@@ -166,8 +184,14 @@ def run_probe(
     """The gradient probe ``config`` describes; returns ``(scores, seconds)``.
 
     The scores are ``config.score``'s signal (``lora-energy`` at the ranks ``config`` trains), so
-    :func:`select` ranks layers by it; ``signals`` (e.g. ``"all"``) computes others in the same pass."""
+    :func:`select` ranks layers by it; ``signals`` (e.g. ``"all"``) computes others in the same pass.
+    ``contribution`` (the score, or named in ``signals``, or ``"all"``) adds the all-layer LoRA warm-up
+    of :mod:`contribution` at ``config``'s ranks on the same batches, its time in ``seconds``; when it
+    is the score, its adapter weights ride along in ``scores.warmup_state`` for :func:`wrap_with_plan`."""
     start = time.perf_counter()
+    named = [signals] if isinstance(signals, str) and signals != "all" else list(signals or [])
+    warmup = config.score == CONTRIBUTION or signals == "all" or CONTRIBUTION in named
+    probed = "all" if signals == "all" else [n for n in named if n in SIGNALS]
     scores = gradient_probe(
         model,
         dataset,
@@ -181,10 +205,33 @@ def run_probe(
         layers_path=config.layers_path,
         progress=progress,
         device=device,
-        score=config.score,
+        score="grad-norm" if config.score == CONTRIBUTION else config.score,
         ranks=config.probe_ranks,
-        signals=signals,
+        signals=probed,
     )
+    if warmup:
+        arch = find_blocks(model, config.layers_path)
+        every_layer = apply_aletheia_lora(model, list(range(arch.num_layers)), **config.lora_kwargs())
+        warm = lora_warmup(
+            model,
+            dataset,
+            every_layer,
+            steps=config.probe_batches,
+            batch_size=config.probe_batch_size,
+            max_length=config.probe_max_length,
+            lr=config.warmup_lr,
+            seed=config.seed,
+            tokenizer=tokenizer,
+            layers_path=config.layers_path,
+        )
+        signals_now = scores.signals | {CONTRIBUTION: warm.contribution}
+        meta = scores.meta | {"warmup_steps": len(warm.losses), "warmup_lr": config.warmup_lr,
+                              "warmup_seconds": warm.seconds, "warmup_losses": warm.losses}  # fmt: skip
+        scores = LayerScores(
+            scores, modules=scores.modules, roles=scores.roles, meta=meta, signals=signals_now
+        ).with_score(config.score)
+        if config.score == CONTRIBUTION:  # the selection follows the warm-up, so training continues it
+            scores.warmup_state = warm.adapter_state
     return scores, time.perf_counter() - start
 
 
@@ -233,7 +280,7 @@ def probe_and_select(
     return scores, select(scores, config, model=model, cost=cost), probe_seconds
 
 
-def wrap_with_plan(
+def plan_for(
     model: nn.Module,
     scores: LayerScores,
     selected: list[int],
@@ -242,14 +289,15 @@ def wrap_with_plan(
     probe_seconds: float = 0.0,
     arch: Architecture | None = None,
     cost: CostModel | None = None,
-) -> tuple[nn.Module, AletheiaPlan]:
-    """LoRA on ``selected`` layers of ``model`` (no probe); used by prepare_model and resume.
+) -> AletheiaPlan:
+    """The plan of LoRA on ``selected`` layers of ``model``, without wrapping it (the model is not modified).
     ``cost`` predicts the speedup (default :func:`planned_cost`; a calibrated one is recorded)."""
     arch = arch or find_blocks(model, config.layers_path)
     lora_kwargs = config.lora_kwargs()
     lora_config = apply_aletheia_lora(model, selected, **lora_kwargs)
     everything = apply_aletheia_lora(model, list(range(arch.num_layers)), **lora_kwargs)
-    plan = AletheiaPlan(
+    name_or_path = getattr(model, "name_or_path", None)
+    return AletheiaPlan(
         scores=scores,
         selected_layers=list(selected),
         lora_config=lora_config,
@@ -260,10 +308,26 @@ def wrap_with_plan(
         all_layer_trainable_params=lora_param_count(model, everything, arch),
         predicted_speedup=(cost or planned_cost(model, config)).speedup(selected),
         calibration=cost.meta.get("calibration") if cost is not None else None,
+        blocks_path=arch.blocks_path,
+        base_model=base_model_reference(name_or_path)["name"] if name_or_path else None,
     )
+
+
+def wrap_with_plan(
+    model: nn.Module, scores: LayerScores, selected: list[int], config: AletheiaConfig, **options: Any
+) -> tuple[nn.Module, AletheiaPlan]:
+    """LoRA on ``selected`` layers of ``model`` (no probe); used by prepare_model and resume.
+    ``options`` are :func:`plan_for`'s (``probe_seconds``, ``arch``, ``cost``)."""
+    plan = plan_for(model, scores, selected, config, **options)
     with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: make them a function of the seed
         torch.manual_seed(config.seed)
-        peft_model = get_peft_model(model, lora_config)
+        peft_model = get_peft_model(model, plan.lora_config)
+    if plan.base_model:
+        peft_model.peft_config["default"].base_model_name_or_path = plan.base_model
+    if (
+        scores.warmup_state
+    ):  # the contribution warm-up trained these adapters: the kept layers go on from there
+        plan.warm_started = warm_start(peft_model, scores.warmup_state)
     if config.truncate_backward:
         truncate_backward(peft_model, layers_path=config.layers_path)
     return peft_model, plan
@@ -273,6 +337,7 @@ __all__ = [
     "AletheiaConfig",
     "AletheiaPlan",
     "machine_cost",
+    "plan_for",
     "planned_cost",
     "prepare_model",
     "probe_and_select",

@@ -134,8 +134,15 @@ def max_rss() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def save_adapter(peft_model, output_dir: Path) -> None:
-    """``save_pretrained`` into a temp folder, then move each file into place atomically."""
+def save_adapter(peft_model, output_dir: Path, *, base_model: str | None = None) -> None:
+    """``save_pretrained`` into a temp folder, then move each file into place atomically.
+
+    ``base_model``: what ``adapter_config.json`` names as ``base_model_name_or_path`` (a Hub id, or a
+    path), instead of the folder the model was loaded from. PEFT's ``README.md`` is a blank template:
+    :func:`aletheia_lora.card.write_card` replaces it."""
+    if base_model:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = base_model
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)

@@ -47,6 +47,9 @@ class LayerScores(dict):
             str(name): {int(k): float(v) for k, v in values.items()}
             for name, values in (signals or {}).items()
         }
+        # the contribution warm-up's adapter weights (PEFT state-dict key -> tensor), which the kept
+        # layers start from; not part of the JSON (it is weights, not scores)
+        self.warmup_state: dict[str, Any] | None = None
 
     def ranking(self) -> list[int]:
         """Layer indices from highest to lowest score (ties: lower index first)."""
@@ -62,13 +65,15 @@ class LayerScores(dict):
                 f"signals=[{name!r}] or signals='all'."
             )
         same = name == self.meta.get("score")
-        return LayerScores(
+        out = LayerScores(
             self.signals[name],
             modules=self.modules if same else None,
             roles=self.roles if same else None,
             meta=self.meta | {"score": name},
             signals=self.signals,
         )
+        out.warmup_state = self.warmup_state
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         data = {

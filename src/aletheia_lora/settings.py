@@ -28,6 +28,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contribution import DEFAULT_LR as WARMUP_LR
+from .contribution import NAME as CONTRIBUTION
+from .export import EXPORT_FILES, check_format
 from .probe import METHODS, PARAMS, SIGNALS
 from .selection import STRATEGIES
 
@@ -117,6 +120,9 @@ class BudgetSettings(Settings):
             )
 
 
+SCORES = (*SIGNALS, CONTRIBUTION)  # the gradient probe's signals, and the warm-up's
+
+
 @dataclass(kw_only=True)
 class ProbeSettings(Settings):
     probe_batches: int = field(default=5, metadata={"help": "Forward+backward passes of the gradient probe."})
@@ -138,9 +144,15 @@ class ProbeSettings(Settings):
         default="grad-norm",
         metadata={"help": "The probe signal layers are ranked by: 'grad-norm' (sum of gradient norms, the published "
                   "score), 'relative' (gradient norm / weight norm), 'lora-energy' (the part of each gradient a "
-                  "LoRA of the planned rank can hold) or 'coherence' (how much the probe batches' gradients agree; "
-                  "needs probe_batches >= 2). See docs/method.md.", "choices": list(SIGNALS)},
+                  "LoRA of the planned rank can hold), 'coherence' (how much the probe batches' gradients agree; "
+                  "needs probe_batches >= 2) or 'contribution' (the loss reduction each layer's adapter made in a "
+                  "probe_batches-step all-layer LoRA warm-up, which kept layers continue from). See "
+                  "docs/method.md.", "choices": list(SCORES)},
     )  # fmt: skip
+    warmup_lr: float = field(
+        default=WARMUP_LR,
+        metadata={"help": "AdamW learning rate of the all-layer LoRA warm-up of --score contribution."},
+    )
 
     def _check(self) -> None:
         at_least(self, 1, "probe_batches", "probe_batch_size")
@@ -149,8 +161,10 @@ class ProbeSettings(Settings):
             raise ValueError(f"probe_params={self.probe_params!r}; use one of {list(PARAMS)}.")
         if self.probe_method not in METHODS:
             raise ValueError(f"probe_method={self.probe_method!r}; use one of {list(METHODS)}.")
-        if self.score not in SIGNALS:
-            raise ValueError(f"score={self.score!r}; use one of {list(SIGNALS)}.")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r}; use one of {list(SCORES)}.")
+        if not self.warmup_lr > 0:
+            raise ValueError(f"warmup_lr={self.warmup_lr}; the warm-up's learning rate must be > 0.")
         if self.score == "coherence" and self.probe_batches < 2:
             raise ValueError(
                 f"score='coherence' with probe_batches={self.probe_batches}: with one batch every layer's "
@@ -237,6 +251,22 @@ class OutputDirSettings(OutputSettings):
         default=None,
         metadata={"help": "Where the command writes its files (default: runs/<command>-<date>-<time>)."},
     )
+
+
+@dataclass(kw_only=True)
+class ExportSettings(Settings):
+    """``probe --export FORMAT``: the selection as a config for another trainer."""
+
+    export: str | None = field(
+        default=None,
+        metadata={"help": "Also write the selection as a config for your own trainer: 'peft' (adapter_config.json), "
+                  "'axolotl' (axolotl.yaml) or 'llama-factory' (llama_factory.yaml), into the output folder.",
+                  "choices": list(EXPORT_FILES)},
+    )  # fmt: skip
+
+    def _check(self) -> None:
+        if self.export is not None:
+            check_format(self.export)
 
 
 # --------------------------------------------------------------------------- composed settings
@@ -343,12 +373,14 @@ __all__ = [
     "AletheiaConfig",
     "BudgetSettings",
     "DataSettings",
+    "ExportSettings",
     "LoraSettings",
     "ModelSettings",
     "OutputDirSettings",
     "OutputSettings",
     "ProbeSettings",
     "RunSettings",
+    "SCORES",
     "Settings",
     "at_least",
 ]

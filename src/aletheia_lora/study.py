@@ -1,10 +1,18 @@
 """Which layer selection actually works? Fine-tune one model several ways and compare, side by side.
 
-``aletheia-lora study`` fine-tunes a model on GSM8K-style data once per *arm* with the same data
+``aletheia-lora study`` fine-tunes a model on a task once per *arm* with the same data
 order, seed, steps and hyperparameters; the arms differ only in which layers get LoRA (and, for
-one arm, the ranks). Every arm is then scored on the task's test split (answer NLL, optional
-greedy exact match) and on forgetting suites (general-text NLL, HumanEval-solution NLL, MMLU),
-as deltas against the base model. Writes ``study.json`` (after every arm, so a killed run keeps
+one arm, the ranks). The task is GSM8K (``--gsm8k_dir``: answer NLL on its test split, optional
+greedy exact match) or any dataset ``train`` reads (``--data``, e.g. plain text: the held-out NLL
+of its test split, else of a seeded held-out share). Every arm is scored on the task and on
+forgetting suites (general-text NLL, HumanEval-solution NLL, MMLU), as deltas against the base model.
+
+**Signals.** The probe computes every signal (``run_probe(..., signals="all")``: the four gradient
+signals in one pass and the ``contribution`` warm-up), recorded per seed in ``scores_by_seed``; the
+probe-driven arms rank by ``--score`` (default ``grad-norm``). An arm is charged for its own signal
+only: the warm-up's seconds for ``contribution`` (whose kept adapters then continue from the
+warm-up), else the gradient pass's. ``answers["probe_stability"]`` gives each signal's Spearman
+correlation between the probes of every two seeds. Writes ``study.json`` (after every arm, so a killed run keeps
 what it finished and ``--resume`` picks up), ``study.md`` and ``study.png``.
 
 =======================  ==================================================================
@@ -85,7 +93,9 @@ from torch import nn
 
 from .architecture import find_blocks
 from .batches import collate
-from .data import load_data, tokenize_dataset
+from .contribution import NAME as CONTRIBUTION
+from .data import load_data, prepare_data, tokenize_dataset
+from .evaluation import mean_loss
 from .finetune import batch_order, load_base, train_arm
 from .io import atomic_write_text
 from .plan import run_probe, select, wrap_with_plan
@@ -93,12 +103,21 @@ from .report import new_figure, render_table, save_png
 from .runs import check_output_dir, hardware, resumable_record, versions
 from .scores import LayerScores
 from .selection import budget
-from .settings import AletheiaConfig, BudgetSettings, ModelSettings, OutputDirSettings, at_least
+from .settings import (
+    SCORES,
+    AletheiaConfig,
+    BudgetSettings,
+    DataSettings,
+    ModelSettings,
+    OutputDirSettings,
+    at_least,
+)
 from .stats import (
     blocked_difference,
     blocked_permutation_pvalue,
     matched_choices,
     matched_random,
+    spearman,
     spread,
 )
 from .suites import (
@@ -155,9 +174,26 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
     """Settings of ``aletheia-lora study``: the shared model, budget and output groups, and its own.
     Every field is a flag of the same name."""
 
-    gsm8k_dir: str = field(
-        metadata={"help": "Folder with train.jsonl and test.jsonl of {question, answer} rows (GSM8K)."}
-    )
+    gsm8k_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder with train.jsonl and test.jsonl of {question, answer} rows (GSM8K); or give "
+                  "--data."},
+    )  # fmt: skip
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Task data instead of --gsm8k_dir, any file or folder train reads (e.g. plain text): "
+                  "its test split (else a seeded held-out share) is the test set, scored by held-out NLL."},
+    )  # fmt: skip
+    format: str | None = field(
+        default=None,
+        metadata={"help": "Row format of --data: text, prompt_completion, question_answer, messages, alpaca "
+                  "(default: detect)."},
+    )  # fmt: skip
+    score: str = field(
+        default="grad-norm",
+        metadata={"help": "The probe signal the top and depth-aware arms rank layers by (every signal is "
+                  "computed and recorded; see docs/method.md).", "choices": list(SCORES)},
+    )  # fmt: skip
     mmlu_dir: str | None = field(
         default=None, metadata={"help": "Folder of MMLU CSVs for the forgetting suite (optional)."}
     )
@@ -191,7 +227,7 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
         metadata={"help": "Cost-matched random controls per probe-driven arm and seed: the arm's size, its "
                   "lowest layer kept, the rest drawn above it (0: none)."},
     )  # fmt: skip
-    test_limit: int = field(default=100, metadata={"help": "GSM8K test questions for the answer NLL."})
+    test_limit: int = field(default=100, metadata={"help": "Test rows (GSM8K questions) for the task NLL."})
     exact_match: int = field(
         default=0, metadata={"help": "GSM8K test questions to answer by greedy decoding (0: none)."}
     )
@@ -254,6 +290,24 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
             self.seeds = list(dict.fromkeys(self.seeds))  # repeats would train the same runs twice
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate}; it must be > 0.")
+        if (self.gsm8k_dir is None) == (self.data is None):
+            raise ValueError(
+                f"gsm8k_dir={self.gsm8k_dir!r}, data={self.data!r}: give exactly one task, --gsm8k_dir (GSM8K "
+                f"answer NLL) or --data (held-out NLL of any dataset)."
+            )
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r}; use one of {list(SCORES)}.")
+        if self.score == "coherence" and self.probe_batches < 2:
+            raise ValueError(
+                f"score='coherence' with probe_batches={self.probe_batches}: coherence compares probe batches; "
+                f"use --probe_batches 2 or more."
+            )
+        if self.data is not None:
+            if self.exact_match:
+                raise ValueError(
+                    f"exact_match={self.exact_match} needs GSM8K answers; with --data leave --exact_match at 0."
+                )
+            return
         folder = Path(self.gsm8k_dir)
         missing = [f for f in ("train.jsonl", "test.jsonl") if not (folder / f).is_file()]
         if missing:
@@ -284,11 +338,47 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
 # --------------------------------------------------------------------------- evaluation
 
 
-def load_eval_inputs(args: StudyArguments) -> dict[str, Any]:
-    """Each suite's items, drawn once (seeded) so every arm and the base see the same ones."""
-    test = load_data(str(Path(args.gsm8k_dir) / "test.jsonl"))
-    inputs: dict[str, Any] = {"gsm8k": sample(test, args.test_limit, args.seed) if args.test_limit else []}
-    inputs["gsm8k_generate"] = sample(test, args.exact_match, args.seed) if args.exact_match else []
+TASK_METRICS = ("gsm8k_nll", "task_nll")  # the test metric: GSM8K's answer NLL, or --data's held-out NLL
+
+
+def task_data(args: StudyArguments) -> DataSettings:
+    """``--data`` as the data settings :func:`data.prepare_data` reads: its test split (or a seeded held-out
+    share) capped at ``test_limit`` rows, both sides tokenized at ``max_length`` as in training."""
+    return DataSettings(
+        data=args.data, format=args.format, max_length=args.max_length, max_eval_samples=args.test_limit
+    )
+
+
+def load_task(args: StudyArguments, tokenizer) -> tuple[list[dict], dict[str, Any], list[dict]]:
+    """The task: tokenized training rows, what the record says about them, and (``--data``) the tokenized
+    test rows. Rows with nothing left to learn within ``max_length`` are dropped (with a warning)."""
+    if args.data is not None:
+        prepared = prepare_data(task_data(args), tokenizer, args.seed)
+        rows, raw, test = prepared.train, prepared.train_rows, prepared.eval
+        info = {"name": args.data, "format": prepared.format, "test_rows": len(test)}
+    else:
+        raw = load_data(str(Path(args.gsm8k_dir) / "train.jsonl"))
+        rows = tokenize_dataset(raw, tokenizer, format="question_answer", max_length=args.max_length)
+        test, info = [], {"name": "GSM8K", "format": "question_answer", "test_rows": args.test_limit}
+    return (
+        rows,
+        info
+        | {
+            "train_rows": len(raw),
+            "dropped_rows": len(raw) - len(rows),
+            "truncated_rows": sum(len(r["input_ids"]) >= args.max_length for r in rows),
+        },
+        test,
+    )
+
+
+def load_eval_inputs(args: StudyArguments, task_rows: list[dict] | None = None) -> dict[str, Any]:
+    """Each suite's items, drawn once (seeded) so every arm and the base see the same ones; ``task_rows``
+    are ``--data``'s tokenized test rows."""
+    test = load_data(str(Path(args.gsm8k_dir) / "test.jsonl")) if args.gsm8k_dir else []
+    inputs: dict[str, Any] = {"gsm8k": sample(test, args.test_limit, args.seed) if test else []}
+    inputs["gsm8k_generate"] = sample(test, args.exact_match, args.seed) if test and args.exact_match else []
+    inputs["task"] = task_rows or []
     inputs["text"] = Path(args.text).read_text(encoding="utf-8") if args.text else None
     inputs["humaneval"] = (
         sample(humaneval_problems(), args.humaneval_limit, args.seed) if args.humaneval_limit else []
@@ -302,9 +392,13 @@ def load_eval_inputs(args: StudyArguments) -> dict[str, Any]:
 
 
 def evaluate(model: nn.Module, tokenizer, inputs: dict[str, Any], args: StudyArguments) -> dict[str, float]:
-    """Flat metrics: gsm8k_nll, gsm8k_exact_match, text_nll, humaneval_nll, mmlu_accuracy, mmlu_loglik."""
+    """Flat metrics: gsm8k_nll or task_nll, gsm8k_exact_match, text_nll, humaneval_nll, mmlu_accuracy,
+    mmlu_loglik."""
     common = {"max_length": args.eval_max_length, "batch_size": args.eval_batch_size}
     out: dict[str, float] = {}
+    if inputs.get("task"):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        out["task_nll"] = mean_loss(model, inputs["task"], batch_size=args.eval_batch_size, pad_token_id=pad)
     if inputs["gsm8k"]:
         out["gsm8k_nll"] = gsm8k_suite(model, tokenizer, inputs["gsm8k"], **common)["nll"]
     if inputs["gsm8k_generate"]:
@@ -394,6 +488,7 @@ def _config(arm: Arm, args: StudyArguments, seed: int) -> AletheiaConfig:
         strategy=strategy,
         probe_params=arm.probe_params,
         probe_batches=args.probe_batches,
+        score=args.score,
         r=args.r,
         lora_alpha=2 * args.r,
         attention_r=arm.attention_r,
@@ -446,13 +541,21 @@ def run_arm(
     model = copy.deepcopy(base)
     config = _config(arm, args, seed)
     if (seed, arm.probe_params) not in probes:
-        probes[seed, arm.probe_params] = run_probe(model, rows, config, tokenizer=tokenizer)
+        # every signal from the one pass, so that the record shows how each one ranks the layers per seed;
+        # one probe per seed and scoring serves every arm (lora-energy at the first arm's ranks)
+        scores, _ = run_probe(model, rows, config, tokenizer=tokenizer, signals="all")
+        # what the arm pays is what its own signal costs: the warm-up for contribution, else the gradient
+        # pass (which computed the four gradient signals, so an upper bound for any one of them)
+        seconds = scores.meta["warmup_seconds"] if args.score == CONTRIBUTION else scores.meta["seconds"]
+        probes[seed, arm.probe_params] = scores, seconds
     scores, probe_seconds = probes[seed, arm.probe_params]
     if arm.strategy is None:
         selected = list(range(find_blocks(model).num_layers))
     else:
         selected = select(scores, config, model=model, seed=arm.seed)
     probed = arm.strategy in PROBED  # the arms that pay for the probe
+    if not probed:  # nor do they continue a contribution warm-up: they start from LoRA's initialisation
+        scores = LayerScores(scores, meta=scores.meta, signals=scores.signals)
     trained = _train_and_evaluate(
         model, tokenizer, scores, selected, config, rows, order, inputs, args,
         probe_seconds if probed else 0.0,
@@ -523,8 +626,8 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
         ref = refs.get(a["seed"])
         if ref:
             a["measured_speedup"] = _step_seconds(record, ref) / _step_seconds(record, a)
-            if "gsm8k_nll" in a["metrics"]:
-                a["gsm8k_nll_vs_all"] = a["metrics"]["gsm8k_nll"] / ref["metrics"]["gsm8k_nll"] - 1
+            if _nll(a) is not None and _nll(ref):
+                a["nll_vs_all"] = _nll(a) / _nll(ref) - 1
     record["across_seeds"] = across_seeds(record)
     means = {name: _mean_entry(runs) for name, runs in _by_arm(record["arms"]).items()}
     return answers(means) | seed_answers(record)
@@ -647,10 +750,38 @@ def matched_comparison(record: dict[str, Any], name: str) -> dict[str, Any] | No
     }
 
 
+def probe_stability(record: dict[str, Any], params: str = "lora-targets") -> dict[str, Any]:
+    """How much each probe signal's layer ranking depends on the probe's seed (its batches): the Spearman
+    correlation of the signal between every pair of seeds, as mean, min and the pairs. Empty with fewer
+    than two probed seeds."""
+    by_seed = {
+        s: probes[params]["signals"]
+        for s, probes in (record.get("scores_by_seed") or {}).items()
+        if params in probes and probes[params].get("signals")
+    }
+    seeds = sorted(by_seed, key=int)
+    out: dict[str, Any] = {}
+    for name in sorted(set.intersection(*(set(v) for v in by_seed.values()))) if len(seeds) > 1 else []:
+        pairs = {}
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1 :]:
+                layers = sorted(by_seed[a][name], key=int)
+                pairs[f"{a}-{b}"] = spearman(
+                    [by_seed[a][name][k] for k in layers], [by_seed[b][name][k] for k in layers]
+                )
+        values = [v for v in pairs.values() if not math.isnan(v)]
+        out[name] = {
+            "mean": statistics.fmean(values) if values else None,
+            "min": min(values) if values else None,
+            "pairs": pairs,
+        }
+    return out
+
+
 def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
     """The seed statistics: each probe-driven arm against its matched controls, and ``top`` against
     all-layer LoRA at equal steps and at equal wall-clock, per seed with mean and sd."""
-    out: dict[str, Any] = {"vs_matched_random": {}}
+    out: dict[str, Any] = {"vs_matched_random": {}, "probe_stability": probe_stability(record)}
     for name in ARMS:
         if ARMS[name].strategy in PROBED:
             comparison = matched_comparison(record, name)
@@ -671,8 +802,18 @@ def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def task_metric(metrics: dict[str, Any]) -> str | None:
+    """The task's metric key in ``metrics`` (:data:`TASK_METRICS`), or None."""
+    return next((k for k in TASK_METRICS if k in metrics), None)
+
+
 def _nll(arm: dict | None) -> float | None:
-    return arm["metrics"].get("gsm8k_nll") if arm else None
+    key = task_metric(arm["metrics"]) if arm else None
+    return arm["metrics"][key] if key else None
+
+
+def _task_name(record: dict[str, Any]) -> str:
+    return (record.get("data") or {}).get("name", "GSM8K")
 
 
 def _targets(arm: dict, ref: dict, versus_random: dict | None, all_asym: dict | None) -> dict[str, Any]:
@@ -779,19 +920,16 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         out = check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, create=False)
     say = (lambda *a: None) if args.quiet else log
     base, tokenizer, device = load_base(args)
-    train = load_data(str(Path(args.gsm8k_dir) / "train.jsonl"))
-    # Rows whose prompt fills max_length have nothing to learn and are dropped (tokenize_dataset
-    # warns with the count); longer answers are cut at max_length.
-    rows = tokenize_dataset(train, tokenizer, format="question_answer", max_length=args.max_length)
-    data = {
-        "train_rows": len(train),
-        "dropped_rows": len(train) - len(rows),
-        "truncated_rows": sum(len(r["input_ids"]) >= args.max_length for r in rows),
-    }
+    rows, data, task_rows = load_task(args, tokenizer)
+    if not rows or (args.data is not None and not task_rows):
+        raise ValueError(
+            f"study needs training and test rows; after tokenizing, {len(rows)} training and {len(task_rows)} "
+            f"test rows are left (raise --max_length or --test_limit)."
+        )
     seeds = args.run_seeds
     # twice the steps: the equal-time arm may run longer than the others (the order is prefix-stable)
     orders = {seed: batch_order(len(rows), 2 * args.steps, args.batch_size, seed) for seed in seeds}
-    inputs = load_eval_inputs(args)
+    inputs = load_eval_inputs(args, task_rows)
     record: dict[str, Any] = previous or {
         "settings": args.fingerprint(),
         "model": args.model or "embedded SmolLM2-135M-Instruct",
@@ -830,12 +968,13 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         result["seconds"] = time.perf_counter() - start
         record["arms"].append(result)
         for (s, params), (scores, seconds) in probes.items():  # the probe(s) this run made
-            probe = {"scores": dict(scores), "probe_seconds": seconds}
+            signals = {n: {str(k): v for k, v in values.items()} for n, values in scores.signals.items()}
+            probe = {"scores": dict(scores), "signals": signals, "probe_seconds": seconds}
             record.setdefault("scores_by_seed", {}).setdefault(str(s), {})[params] = probe
             if s == args.seed:
                 record.setdefault("scores", {})[params] = probe
         say(f"{name} (seed {seed}): layers {result['selected_layers']}, step {result['step_seconds']:.2f} s, "
-            f"GSM8K NLL {result['metrics'].get('gsm8k_nll', float('nan')):.4f}")  # fmt: skip
+            f"test NLL {_nll(result) or float('nan'):.4f}")  # fmt: skip
         write()
 
     def control(parent: dict, draw: int, arm_order: list[list[int]]) -> None:
@@ -846,7 +985,7 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         record["controls"].append(result)
         reused = f" (the result of {result['same_as']['arm']})" if "same_as" in result else ""
         say(f"{parent['arm']} (seed {parent['seed']}) control {draw}: layers {result['selected_layers']}"
-            f"{reused}, GSM8K NLL {result['metrics'].get('gsm8k_nll', float('nan')):.4f}")  # fmt: skip
+            f"{reused}, test NLL {_nll(result) or float('nan'):.4f}")  # fmt: skip
         write()
 
     for seed in seeds:
@@ -920,6 +1059,7 @@ def _write(out: Path, record: dict[str, Any]) -> None:
 
 _COLUMNS = (
     ("gsm8k_nll", "GSM8K test NLL", "{:.4f}"),
+    ("task_nll", "test NLL", "{:.4f}"),
     ("gsm8k_exact_match", "GSM8K EM", "{:.3f}"),
 )
 _FORGET = (
@@ -960,7 +1100,7 @@ def markdown_table(record: dict[str, Any]) -> str:
     rows = [base_cells]
     for a in [a for runs in _by_arm(record.get("arms", [])).values() for a in runs]:
         m, d = a["metrics"], a.get("delta") or _deltas(a, base)
-        vs = a.get("gsm8k_nll_vs_all")
+        vs = a.get("nll_vs_all", a.get("gsm8k_nll_vs_all"))  # the older name
         cells = [
             f"**{a['arm']}**" if a["arm"] == DEFAULT_ARM else a["arm"],
             *([str(a.get("seed", ""))] if seeded else []),
@@ -993,10 +1133,10 @@ def _mean_sd(x: dict[str, Any], spec: str = ".4f") -> str:
 def seeds_table(record: dict[str, Any]) -> str:
     """Per arm: test NLL mean, sd and n over seeds, and the per-seed values."""
     across = record.get("across_seeds") or across_seeds(record)
-    head = ["arm", "n", "GSM8K test NLL mean", "sd", "per seed", "layers per seed"]
+    head = ["arm", "n", "test NLL mean", "sd", "per seed", "layers per seed"]
     rows = []
     for name, arm in across.items():
-        nll = arm.get("gsm8k_nll")
+        nll = arm.get(task_metric(arm) or "")
         if not nll:
             continue
         layers = {_layers(v) for v in arm["selected_layers"].values()}
@@ -1035,6 +1175,19 @@ def controls_table(record: dict[str, Any]) -> str:
     return render_table(head, rows) + "\n"
 
 
+def stability_table(record: dict[str, Any]) -> str:
+    """Each probe signal's rank stability across probe seeds (``answers["probe_stability"]``)."""
+    stability = (record.get("answers") or seed_answers(record)).get("probe_stability") or {}
+    head = ["signal", "mean Spearman between seeds", "min", "pairs"]
+    rows = [
+        [f"**{name}**" if name == record["settings"].get("score", "grad-norm") else name,
+         _f(v["mean"], "+.3f"), _f(v["min"], "+.3f"),
+         ", ".join(f"{k}: {x:+.3f}" for k, x in v["pairs"].items())]
+        for name, v in stability.items()
+    ]  # fmt: skip
+    return render_table(head, rows) + "\n"
+
+
 def _reused(control: dict) -> str:
     same = control.get("same_as")
     if same is None:
@@ -1043,10 +1196,10 @@ def _reused(control: dict) -> str:
 
 
 def control_runs_table(record: dict[str, Any]) -> str:
-    head = ["arm", "seed", "draw", "layers", "arm layers", "GSM8K test NLL", "step s", "trained"]
+    head = ["arm", "seed", "draw", "layers", "arm layers", "test NLL", "step s", "trained"]
     rows = [
         [c["arm"], c["seed"], c["draw"], _layers(c["selected_layers"]), _layers(c["arm_layers"]),
-         _f(c["metrics"].get("gsm8k_nll"), ".4f"), f"{c['step_seconds']:.3f}",
+         _f(_nll(c), ".4f"), f"{c['step_seconds']:.3f}",
          _reused(c)]
         for c in record.get("controls", [])
     ]  # fmt: skip
@@ -1187,23 +1340,29 @@ def markdown_report(record: dict[str, Any]) -> str:
         if t
         else "from each arm's own training run"
     )
+    task, data = _task_name(record), record.get("data") or {}
+    tested = (
+        f"{s['test_limit']} GSM8K test questions"
+        if task == "GSM8K"
+        else f"{data.get('test_rows', '?')} held-out rows of {task} ({data.get('format', '?')})"
+    )
     lines = [
-        f"# Layer-selection study: {record['model']}",
+        f"# Layer-selection study: {record['model']}, {task}",
         "",
-        f"GSM8K train, {s['steps']} steps x batch {s['batch_size']} (max {s['max_length']} tokens), lr "
-        f"{s['learning_rate']}, r={s['r']}, budget {s['top_pct']}% of layers, {_seed_words(record)}; test "
-        f"NLL on {s['test_limit']} GSM8K test questions. Forgetting Δ = arm - base model (NLL: lower is "
+        f"{task} train, {s['steps']} steps x batch {s['batch_size']} (max {s['max_length']} tokens), lr "
+        f"{s['learning_rate']}, r={s['r']}, budget {s['top_pct']}% of layers, probe signal "
+        f"`{s.get('score', 'grad-norm')}`, {_seed_words(record)}; test NLL on {tested}. Forgetting Δ = arm - base model (NLL: lower is "
         f"better; MMLU accuracy: higher is better). Speedup = lora-all's median step time / the arm's, "
         f"{timing}; predicted = the cost model's. `wall s` = probe + steps x that step time. Machine: "
         f"{hw.get('cpu', '?')}, {hw.get('device', '?')}, {hw.get('torch_threads', '?')} threads.",
         "",
         markdown_table(record),
     ]
-    if any(a["metrics"].get("gsm8k_nll") is not None for a in record.get("arms", [])):
+    if any(_nll(a) is not None for a in record.get("arms", [])):
         lines += [
             "## Across seeds",
             "",
-            "Each arm's GSM8K test NLL over the seeds it ran: mean, sample standard deviation (n - 1), n, "
+            "Each arm's test NLL over the seeds it ran: mean, sample standard deviation (n - 1), n, "
             "and the value of every seed. A seed sets the data order, the LoRA initialisation and the "
             "probe's batches; the test questions are the same for every seed.",
             "",
@@ -1226,6 +1385,16 @@ def markdown_report(record: dict[str, Any]) -> str:
         ]
         if record.get("controls"):
             lines += ["### Control runs", "", control_runs_table(record)]
+    if (record.get("answers") or {}).get("probe_stability"):
+        lines += [
+            "## Probe signals across seeds",
+            "",
+            "How much each signal's layer ranking depends on the probe's batches: Spearman correlation of "
+            "the signal's per-layer values between the probes of two seeds (1: the same ranking). Bold: the "
+            "signal the arms ranked by.",
+            "",
+            stability_table(record),
+        ]
     if record.get("answers"):
         lines += ["## Answers", "", *_answer_lines(record["answers"]), ""]
     if record.get("command"):
@@ -1234,7 +1403,7 @@ def markdown_report(record: dict[str, Any]) -> str:
 
 
 def plot_study(record: dict[str, Any], path: str | Path) -> None:
-    """Left: GSM8K test NLL against measured speedup, one point per arm (the mean over seeds, with the sd
+    """Left: the task's test NLL against measured speedup, one point per arm (the mean over seeds, with the sd
     as an error bar), and each arm's controls in grey at the arm's speedup. Right: forgetting deltas (mean
     over seeds)."""
     means = [_mean_entry(runs) for runs in _by_arm(record["arms"]).values()]
@@ -1242,10 +1411,11 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     fig = new_figure((11, 4.5))
     left, right = fig.subplots(1, 2)
     for a in means:
-        if "gsm8k_nll" not in a["metrics"]:
+        key = task_metric(a["metrics"])
+        if key is None:
             continue
-        x, y = a.get("measured_speedup", 1.0), a["metrics"]["gsm8k_nll"]
-        sd = (across.get(a["arm"], {}).get("gsm8k_nll") or {}).get("sd")
+        x, y = a.get("measured_speedup", 1.0), a["metrics"][key]
+        sd = (across.get(a["arm"], {}).get(key) or {}).get("sd")
         color = "C3" if a["arm"] == DEFAULT_ARM else ("C0" if a["arm"].startswith("lora-all") else "C7")
         controls = [
             _nll(c) for c in record.get("controls", []) if c["arm"] == a["arm"] and _nll(c) is not None
@@ -1254,10 +1424,12 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
             left.scatter([x] * len(controls), controls, color="0.75", marker="x", s=14, zorder=2)
         left.errorbar([x], [y], yerr=[sd] if sd else None, color=color, fmt="o", capsize=3, zorder=3)
         left.annotate(a["arm"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    base = (record.get("base") or {}).get("gsm8k_nll")
+    base = _nll({"metrics": record.get("base") or {}})
     left.set_xlabel("measured step-time speedup over lora-all" + ("; x: matched random controls" if
                     record.get("controls") else ""))  # fmt: skip
-    left.set_ylabel("GSM8K test NLL (lower is better)" + (f"; base model {base:.3f}" if base else ""))
+    left.set_ylabel(
+        f"{_task_name(record)} test NLL (lower is better)" + (f"; base model {base:.3f}" if base else "")
+    )
     left.grid(alpha=0.3)
     keys = [k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in means)]
     names = [a["arm"] for a in means]

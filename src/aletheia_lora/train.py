@@ -29,11 +29,14 @@ from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
 from .callbacks import NonFiniteGuard, StepTimer
+from .card import CARD_FILE, write_card
 from .data import DataCollator, PreparedData, prepare_data
 from .evaluation import evaluate_task
+from .export import EXPORT_FILES, check_format
+from .hub import prepare_hub_repo, push_folder
 from .io import atomic_write_text
-from .models import load_model
-from .plan import AletheiaPlan, prepare_model, probe_and_select, wrap_with_plan
+from .models import base_model_reference, load_model
+from .plan import AletheiaPlan, plan_for, prepare_model, probe_and_select, wrap_with_plan
 from .probe import agree_across_ranks
 from .report import exact_match_note, plot_layer_scores, plot_loss, terminal_bar_chart, write_report
 from .runs import PLAN_FILE, check_output_dir, default_output_dir, save_adapter, versions
@@ -142,9 +145,14 @@ def probe_job(
     *,
     overwrite_output_dir: bool = False,
     quiet: bool = False,
+    export: str | None = None,
 ) -> dict[str, Any]:
     """Probe and select; write ``layer_scores.json`` and ``layer_scores.png`` to ``output_dir``
-    (default ``runs/probe-<date>-<time>``)."""
+    (default ``runs/probe-<date>-<time>``), and with ``export`` the selection as that trainer's
+    config (``peft``: adapter_config.json, ``axolotl``: axolotl.yaml, ``llama-factory``:
+    llama_factory.yaml; see :mod:`aletheia_lora.export`)."""
+    if export is not None:
+        check_format(export)
     out = check_output_dir(
         output_dir or default_output_dir("probe"), overwrite=overwrite_output_dir, create=False
     )
@@ -155,22 +163,32 @@ def probe_job(
     if torch.cuda.is_available():
         model.to(f"cuda:{torch.cuda.current_device()}")
     data = prepare_data(data_args, tokenizer, config.seed)
-    scores, selected, _ = probe_and_select(
+    scores, selected, probe_seconds = probe_and_select(
         model, data.train, config, tokenizer=tokenizer, progress=not quiet and main_process
     )
     agree_across_ranks(selected, "selected layers")
     scores.meta["selected_layers"] = selected
+    files = ["layer_scores.json", "layer_scores.png"]
+    exported = None
+    if export is not None:
+        plan = plan_for(model, scores, selected, config, probe_seconds=probe_seconds)
+        plan.base_model = base_model_reference(model_args.model)["name"]
+        exported = (EXPORT_FILES[export], plan.export(export))
+        files.append(exported[0])
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         scores.to_json(out / "layer_scores.json")
         plot_layer_scores(
             scores, selected, out / "layer_scores.png", title=f"{model_args.model or 'embedded'}"
         )
+        if exported is not None:
+            atomic_write_text(out / exported[0], exported[1])
     return {
         "scores": scores,
         "selected_layers": selected,
         "chart": terminal_bar_chart(scores, selected),
-        "files": ["layer_scores.json", "layer_scores.png"],
+        "files": files,
+        "export_path": str(out / exported[0]) if exported else None,
         "main_process": main_process,
         "output_dir": str(out),
     }
@@ -185,7 +203,8 @@ def train_job(
     *,
     log=print,
 ) -> dict[str, Any]:
-    """Probe, select, train, and write the adapter, ``aletheia.json``, plots and ``report.md``."""
+    """Probe, select, train, and write the adapter, its model card ``README.md``, ``aletheia.json``, plots
+    and ``report.md``; with ``push_to_hub``, check the Hub repo first and upload the folder at the end."""
     resume = _resolve_resume(training_args.resume_from_checkpoint, Path(training_args.output_dir))
     # Every rank checks the folder before any rank writes: rank 0 writes only after the probe,
     # whose collectives every rank joins after its own check.
@@ -194,6 +213,13 @@ def train_job(
     )
     main_process = _is_main_process(training_args)
     say = log if main_process and not run.quiet else (lambda *a: None)
+    hub_repo = None
+    if training_args.push_to_hub:  # fail here, in seconds, rather than after the probe and the training
+        hub_repo = prepare_hub_repo(training_args.hub_model_id, out, token=training_args.hub_token,
+                                    private=training_args.hub_private_repo)  # fmt: skip
+        # the finished folder is uploaded below; the Trainer's own pushes would replace the card with its own
+        training_args.push_to_hub = False
+        say(f"will push the adapter to {hub_repo} when the run ends")
     with _whole_model_under_zero3():
         model, tokenizer = load_model(
             model_args.model,
@@ -240,7 +266,11 @@ def train_job(
             f"({plan.trainable_params:,} trainable parameters, {plan.trainable_fraction:.0%} of all-layer LoRA)"
         )
 
+    base_model = base_model_reference(model_args.model)  # what the adapter names as its base
+    plan.base_model = base_model["name"]
     record: dict[str, Any] = {
+        "base_model": base_model,
+        "hub_model_id": hub_repo,
         "plan": plan.to_dict(),
         "settings": {
             "model": dataclasses.asdict(model_args),
@@ -303,13 +333,14 @@ def train_job(
     files = [
         "adapter_model.safetensors",
         "adapter_config.json",
+        CARD_FILE,
         PLAN_FILE,
         "layer_scores.png",
         "loss.png",
         "report.md",
     ]
     if main_process:  # the other ranks trained the same adapter; one copy is written
-        save_adapter(peft_model, out)
+        save_adapter(peft_model, out, base_model=base_model["name"])
     if run.merge and main_process:
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
@@ -341,6 +372,7 @@ def train_job(
             plan.scores, plan.selected_layers, out / "layer_scores.png",
             title=f"{model_args.model or 'SmolLM2-135M-Instruct (embedded)'} on {data_args.data or 'the embedded task'}",
         )  # fmt: skip
+        write_card(out, record, adapter=hub_repo)  # after the plot, which the card embeds
         held_out = [{"step": 0, "eval_loss": before["eval_loss"]},
                     {"step": trainer.state.global_step, "eval_loss": after["eval_loss"]}]  # fmt: skip
         plot_loss(history + held_out, out / "loss.png")
@@ -373,7 +405,12 @@ def train_job(
                 "exact_match_note": exact_match_note(after),
             },
         )
+    pushed = None
+    if hub_repo and main_process:
+        say(f"pushing {out} to {hub_repo} ...")
+        pushed = push_folder(hub_repo, out, token=training_args.hub_token)
     return record | {
+        "hub_commit_url": pushed,
         "output_dir": str(out),
         "files": files,
         "plan_object": plan,
