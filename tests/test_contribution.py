@@ -117,3 +117,16 @@ def test_all_signals_include_the_warm_up_and_bad_settings_name_the_value():
         AletheiaConfig(score="contribution", warmup_lr=0)
     with pytest.raises(ValueError, match="steps=0"):
         lora_warmup(model, rows, _every_layer(model), steps=0)
+
+
+def test_prepare_model_with_contribution_records_the_warm_start():
+    from aletheia_lora import prepare_model
+    from aletheia_lora.plan import AletheiaPlan
+
+    model, rows = tiny_model(seed=6), token_rows(8, seed=5)
+    peft_model, plan = prepare_model(
+        model, rows, score="contribution", probe_batches=2, top_k=1, mlp_rank_factor=1
+    )
+    assert plan.warm_started == 14  # 7 adapted weights x (A, B) in the one kept layer
+    assert AletheiaPlan.from_json(plan.to_json()).warm_started == 14
+    assert plan.to_dict()["scores"]["meta"]["score"] == "contribution"

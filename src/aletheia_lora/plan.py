@@ -210,6 +210,12 @@ def run_probe(
         signals=probed,
     )
     if warmup:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                raise ValueError(
+                    "score='contribution' (or signals='all') trains an all-layer LoRA warm-up in one process; "
+                    "under data parallel probe with another --score, or run the warm-up on a single process."
+                )
         arch = find_blocks(model, config.layers_path)
         every_layer = apply_aletheia_lora(model, list(range(arch.num_layers)), **config.lora_kwargs())
         warm = lora_warmup(
