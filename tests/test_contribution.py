@@ -13,7 +13,7 @@ from aletheia_lora import apply_aletheia_lora
 from aletheia_lora.batches import probe_batches
 from aletheia_lora.contribution import _loss, lora_warmup, warm_start
 from aletheia_lora.lora_config import refuse_peft_model
-from aletheia_lora.plan import run_probe, select, wrap_with_plan
+from aletheia_lora.plan import AletheiaPlan, prepare_model, run_probe, select, wrap_with_plan
 from aletheia_lora.settings import AletheiaConfig
 
 
@@ -120,9 +120,6 @@ def test_all_signals_include_the_warm_up_and_bad_settings_name_the_value():
 
 
 def test_prepare_model_with_contribution_records_the_warm_start():
-    from aletheia_lora import prepare_model
-    from aletheia_lora.plan import AletheiaPlan
-
     model, rows = tiny_model(seed=6), token_rows(8, seed=5)
     peft_model, plan = prepare_model(
         model, rows, score="contribution", probe_batches=2, top_k=1, mlp_rank_factor=1
