@@ -15,7 +15,7 @@ import transformers as T
 from conftest import tiny_model
 
 from aletheia_lora.architecture import find_blocks
-from aletheia_lora.bench import ARMS, BASELINE, BenchArguments, run_bench
+from aletheia_lora.bench import ARMS, BASELINE, BenchArguments, probe_config, run_bench
 from aletheia_lora.cli import main
 from aletheia_lora.presets import PRESETS, preset_config, preset_names
 from aletheia_lora.selection import budget
@@ -350,3 +350,10 @@ def test_preview_script_lists_every_strategy_with_predictions(tmp_path):
             assert r["count"] == 2 and r["predicted_speedup"] > 1 and 0 < r["captured_share"] <= 1
             assert r["predicted_speedup"] >= (r["target_speedup"] or 1)
     assert "| last | - | off | 2 | 2: [2, 3] |" in (out / "preview.md").read_text()
+
+
+def test_the_probe_signal_is_a_bench_setting():
+    assert probe_config(BenchArguments(score="lora-energy")).score == "lora-energy"
+    assert probe_config(BenchArguments()).score == "grad-norm"  # the published score stays the default
+    with pytest.raises(ValueError, match="score='gradnorm'"):
+        BenchArguments(score="gradnorm")

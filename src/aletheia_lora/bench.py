@@ -55,7 +55,15 @@ from .presets import get_preset, preset_names
 from .report import new_figure, render_table, save_png, significant
 from .runs import check_output_dir, default_output_dir, hardware, max_rss, versions
 from .scores import LayerScores
-from .settings import AletheiaConfig, BudgetSettings, DataSettings, ModelSettings, OutputDirSettings, at_least
+from .settings import (
+    SCORES,
+    AletheiaConfig,
+    BudgetSettings,
+    DataSettings,
+    ModelSettings,
+    OutputDirSettings,
+    at_least,
+)
 from .timing import TimedArm, calibrate_by_timing, random_tokens, synchronize, time_arms
 
 ARMS = ("lora-all", "top", "depth-aware", "random", "last")
@@ -101,6 +109,11 @@ class BenchArguments(ModelSettings, BudgetSettings, OutputDirSettings):
         default="both", metadata={"help": "Run the arms with checkpointing on, off, or both.", "choices": list(CHECKPOINTING)}
     )  # fmt: skip
     probe_batches: int = field(default=5, metadata={"help": "Batches of the (timed) gradient probe."})
+    score: str = field(
+        default="grad-norm",
+        metadata={"help": "The probe signal top and depth-aware rank by (see train --help and docs/method.md).",
+                  "choices": list(SCORES)},
+    )  # fmt: skip
     probe_batch_size: int | None = field(
         default=None,
         metadata={
@@ -150,6 +163,8 @@ class BenchArguments(ModelSettings, BudgetSettings, OutputDirSettings):
             raise ValueError(f"seq_len={self.seq_len}; it must be >= 2 (one token predicts the next).")
         at_least(self, 0, "warmup")
         at_least(self, 1, "probe_batch_size", unset_ok=True)
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r}; use one of {list(SCORES)}.")
         if self.gradient_checkpointing not in CHECKPOINTING:
             raise ValueError(
                 f"gradient_checkpointing={self.gradient_checkpointing!r}; use one of {list(CHECKPOINTING)}."
@@ -246,6 +261,7 @@ def probe_config(args: BenchArguments, strategy: str = "top") -> AletheiaConfig:
         target_speedup=args.target_speedup if strategy == "depth-aware" else None,
         probe_batches=args.probe_batches,
         probe_batch_size=probe_batch_size(args),
+        score=args.score,
         seed=args.seed,
     )
 
