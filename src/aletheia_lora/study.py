@@ -1428,7 +1428,7 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     left.set_xlabel("measured step-time speedup over lora-all" + ("; x: matched random controls" if
                     record.get("controls") else ""))  # fmt: skip
     left.set_ylabel(
-        f"{_task_name(record)} test NLL (lower is better)" + (f"; base model {base:.3f}" if base else "")
+        f"{Path(_task_name(record)).name} test NLL (lower is better)" + (f"; base {base:.3f}" if base else "")
     )
     left.grid(alpha=0.3)
     keys = [k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in means)]
@@ -1443,7 +1443,9 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     right.set_xlabel("forgetting: NLL change against the base model (lower is better)")
     if keys:
         right.legend(fontsize=7)
-    fig.suptitle(f"Layer-selection study: {record['model']}", fontsize=10)
+    fig.suptitle(
+        f"Layer-selection study: {Path(str(record['model'])).name}, {_task_name(record)}", fontsize=10
+    )
     save_png(fig, path)
 
 
