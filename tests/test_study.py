@@ -499,7 +499,7 @@ def test_a_study_on_any_data_scores_held_out_nll_and_ranks_by_the_chosen_signal(
     write_jsonl(tmp_path / "text.jsonl", rows)
     args = _seeded_args(
         ws, tmp_path / "study", gsm8k_dir=None, data=str(tmp_path / "text.jsonl"), arms=["top"],
-        score="lora-energy", test_limit=5,
+        score="lora-energy", test_limit=5, text_windows=0,
     )  # fmt: skip
     record = run_study(args, log=lambda *a: None)
     assert set(record["base"]) >= {"task_nll"} and "gsm8k_nll" not in record["base"]
@@ -511,6 +511,8 @@ def test_a_study_on_any_data_scores_held_out_nll_and_ranks_by_the_chosen_signal(
     assert top["metrics"]["task_nll"] < record["base"]["task_nll"]  # it learned the held-out distribution
     md = (Path(record["output_dir"]) / "study.md").read_text()
     assert "held-out rows of" in md and "probe signal `lora-energy`" in md
+    assert "text_nll" not in record["base"]  # no forgetting suite: the plot says so instead of an empty panel
+    assert (Path(record["output_dir"]) / "study.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_a_study_needs_exactly_one_task(ws, tmp_path):

@@ -1443,6 +1443,12 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     right.set_xlabel("forgetting: NLL change against the base model (lower is better)")
     if keys:
         right.legend(fontsize=7)
+    else:  # no forgetting suite ran (e.g. --text_windows 0 --humaneval_limit 0): say so, not an empty frame
+        right.clear()
+        right.set_axis_off()
+        right.text(
+            0.5, 0.5, "no forgetting suite was run", ha="center", va="center", transform=right.transAxes
+        )
     fig.suptitle(
         f"Layer-selection study: {Path(str(record['model'])).name}, {_task_name(record)}", fontsize=10
     )
