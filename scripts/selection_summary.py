@@ -19,6 +19,7 @@ from typing import Any
 
 from aletheia_lora.io import atomic_write_text
 from aletheia_lora.report import render_table
+from aletheia_lora.study import task_metric
 
 SIGNALS = ("grad-norm", "lora-energy", "relative", "coherence", "contribution", "depth (reference)")
 
@@ -70,7 +71,7 @@ def study_cell(record: dict[str, Any]) -> dict[str, Any]:
     for name, runs in arms.items():
         out["arms"][name] = {
             "layers": {str(a["seed"]): a["selected_layers"] for a in runs},
-            "nll": (record.get("across_seeds") or {}).get(name, {}).get(_metric(runs[0])),
+            "nll": (record.get("across_seeds") or {}).get(name, {}).get(task_metric(runs[0]["metrics"])),
             "predicted_speedup": [a.get("predicted_speedup") for a in runs],
             "measured_speedup": [a.get("measured_speedup") for a in runs],
             "vs_all": [a.get("nll_vs_all", a.get("gsm8k_nll_vs_all")) for a in runs],
@@ -82,10 +83,6 @@ def study_cell(record: dict[str, Any]) -> dict[str, Any]:
             "control_nll": m["control_nll"],
         }
     return out
-
-
-def _metric(arm: dict) -> str:
-    return next(k for k in ("gsm8k_nll", "task_nll") if k in arm["metrics"])
 
 
 def _f(value, spec: str) -> str:

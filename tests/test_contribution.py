@@ -11,9 +11,10 @@ from peft import get_peft_model
 
 from aletheia_lora import apply_aletheia_lora
 from aletheia_lora.batches import probe_batches
-from aletheia_lora.contribution import _loss, lora_warmup, warm_start
+from aletheia_lora.contribution import lora_warmup, warm_start
 from aletheia_lora.lora_config import refuse_peft_model
 from aletheia_lora.plan import AletheiaPlan, prepare_model, run_probe, select, wrap_with_plan
+from aletheia_lora.probe import target_loss
 from aletheia_lora.settings import AletheiaConfig
 
 
@@ -33,9 +34,9 @@ def test_the_layers_terms_add_up_to_the_loss_drop_of_a_small_step():
         peft_model = get_peft_model(fresh, config)
     peft_model.eval()
     with torch.no_grad():
-        before = _loss(peft_model, batch).item()
+        before = target_loss(peft_model, batch).item()
         assert warm_start(peft_model, warm.adapter_state) == len(warm.adapter_state)
-        after = _loss(peft_model, batch).item()
+        after = target_loss(peft_model, batch).item()
     assert before == pytest.approx(warm.losses[0], abs=1e-6)
     predicted = math.fsum(warm.contribution.values())
     assert before - after > 0 and predicted == pytest.approx(before - after, rel=0.02)
@@ -56,7 +57,7 @@ def test_each_layer_gets_its_own_adapters_inner_product_of_gradient_and_update()
     expected = [dict.fromkeys(range(4), 0.0) for _ in range(3)]
     for t, batch in enumerate(probe_batches(rows, 3, 1, seed=5)):
         optimizer.zero_grad()
-        _loss(peft_model, batch).backward()
+        target_loss(peft_model, batch).backward()
         old = {n: (p.detach().clone(), p.grad.clone()) for n, p in named.items()}
         optimizer.step()
         for n, p in named.items():

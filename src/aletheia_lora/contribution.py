@@ -33,8 +33,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from .architecture import find_blocks
-from .batches import IGNORE_INDEX
 from .batches import probe_batches as make_probe_batches
+from .probe import target_loss
 
 NAME = "contribution"
 DEFAULT_LR = 1e-3
@@ -49,15 +49,6 @@ class Warmup:
     losses: list[float]  # each step's loss before its update
     adapter_state: dict[str, torch.Tensor] = field(repr=False)  # PEFT state-dict key -> CPU tensor
     seconds: float = 0.0
-
-
-def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over target tokens, in fp32 (the probe's loss)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    return nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
 
 
 def lora_warmup(
@@ -104,7 +95,7 @@ def lora_warmup(
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(peft_model, batch)
+            loss = target_loss(peft_model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"warm-up step {len(losses)}: the loss is {loss.item()}; lower lr.")
             loss.backward()

@@ -328,7 +328,7 @@ def _to_scores(
 # --------------------------------------------------------------------------- the loss
 
 
-def _target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over target tokens, in fp32."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
@@ -347,7 +347,7 @@ def _backward(model, batch, device, autocast_dtype, seed: int, index: int) -> No
     )
     torch.manual_seed(seed + index)  # dropout, when the probe runs in train mode
     with autocast:
-        loss = _target_loss(model, batch)
+        loss = target_loss(model, batch)
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"probe batch {index}: the loss is {loss.item()}; the model overflows in this dtype. "
