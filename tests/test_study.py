@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,6 +15,7 @@ from conftest import WORDS, qa_rows, tiny_model, word_tokenizer, write_jsonl
 import aletheia_lora.study as study_module
 from aletheia_lora import finetune
 from aletheia_lora.cli import main
+from aletheia_lora.costmodel import CostModel
 from aletheia_lora.stats import blocked_difference, blocked_permutation_pvalue, matched_random, spearman
 from aletheia_lora.study import (
     ARMS,
@@ -72,7 +74,8 @@ def test_writes_json_markdown_and_plot(study):
     assert (out / "study.png").read_bytes().startswith(PNG_MAGIC)
     saved = json.loads((out / "study.json").read_text())
     assert [a["arm"] for a in saved["arms"]] == [
-        "lora-all", "top", "random-1", "random-2", "last", "depth-aware", "lora-all-equal-time"
+        "lora-all", "top", "random-1", "random-2", "last", "depth-aware", "lora-all-equal-time",
+        *(f"lora-all-equal-time:{n}" for n in ("random-1", "random-2", "last", "depth-aware")),
     ]  # fmt: skip
     md = (out / "study.md").read_text()
     assert "| **top** |" in md and "## Answers" in md and "lora-all-equal-time" in md
@@ -212,7 +215,7 @@ def test_resume_keeps_finished_arms_and_refuses_other_settings(ws, tmp_path):
 
 
 def test_bad_arguments_name_the_value(ws, tmp_path):
-    with pytest.raises(ValueError, match="unknown arms \\['nope'\\]"):
+    with pytest.raises(ValueError, match="unknown arm 'nope'"):
         _args(ws, tmp_path, arms=["nope"])
     with pytest.raises(FileNotFoundError, match="train.jsonl"):
         _args(ws, tmp_path, gsm8k_dir=str(tmp_path))
@@ -524,3 +527,46 @@ def test_a_study_needs_exactly_one_task(ws, tmp_path):
         _args(ws, tmp_path, gsm8k_dir=None, data="x.jsonl")
     with pytest.raises(ValueError, match="score='coherence' with probe_batches=1"):
         _args(ws, tmp_path, score="coherence", probe_batches=1)
+
+
+def test_target_arms_pick_by_this_machines_cost_model_and_every_arm_gets_an_equal_time_twin(ws, tmp_path):
+    """``depth-aware@1.2x`` selects with the cost model calibrated here (kept for resume), and
+    ``lora-all-equal-time`` gives every selection arm, not only ``top``, an all-layer run of its wall-clock."""
+    args = _seeded_args(ws, tmp_path / "s", arms=["top", "last", "depth-aware@1.2x", "lora-all-equal-time"],
+                        seeds=[0, 1], controls=1)  # fmt: skip
+    record = run_study(args, log=lambda *a: None)
+    cost = CostModel(**record["machine_cost"])
+    assert cost.unit == "s" and record["machine_cost"]["meta"]["calibration"]
+    for a in _runs(record, "depth-aware@1.2x").values():
+        assert cost.speedup(a["selected_layers"]) >= 1.2 * (1 - 1e-9)
+        assert a["machine_predicted_speedup"] == pytest.approx(cost.speedup(a["selected_layers"]))
+        assert len(a["selected_layers"]) <= 3  # the 50% budget is a ceiling
+    vs_all = record["answers"]["vs_all"]
+    assert set(vs_all) == {"top", "last", "depth-aware@1.2x"}
+    for name in vs_all:
+        twins = _runs(record, "lora-all-equal-time" if name == "top" else f"lora-all-equal-time:{name}")
+        arms, alls = _runs(record, name), _runs(record, "lora-all")
+        for s in (0, 1):
+            timing = record["timing"]
+            wall = arms[s]["probe_seconds"] + 3 * _timed(timing, arms[s])
+            assert twins[s]["steps"] == max(1, min(math.floor(wall / _timed(timing, alls[s])), 6))
+            assert twins[s]["time_of"] == name and twins[s]["selected_layers"] == list(range(6))
+            expected = arms[s]["metrics"]["gsm8k_nll"] / twins[s]["metrics"]["gsm8k_nll"] - 1
+            assert vs_all[name]["equal_time"]["values"][str(s)] == pytest.approx(expected)
+    assert (
+        "Against all-layer LoRA: equal steps and equal wall-clock"
+        in Path(record["output_dir"], "study.md").read_text()
+    )
+    # resume with the calibration kept: nothing is trained or calibrated again, the same picks
+    again = run_study(dataclasses.replace(args, resume=True), log=lambda *a: None)
+    assert again["machine_cost"] == record["machine_cost"]
+    assert [a["selected_layers"] for a in again["arms"]] == [a["selected_layers"] for a in record["arms"]]
+
+
+def test_arm_names_are_checked_before_loading_a_model(ws, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown arm 'depth-aware@fastx'.*depth-aware@1.5x"):
+        _args(ws, tmp_path / "x", arms=["depth-aware@fastx"])
+    with pytest.raises(ValueError, match="ask for lora-all-equal-time instead"):
+        _args(ws, tmp_path / "x", arms=["lora-all-equal-time:last"])
+    with pytest.raises(ValueError, match=r"depth-aware@40x is out of reach.*lower target"):
+        run_study(_seeded_args(ws, tmp_path / "y", arms=["depth-aware@40x"]), log=lambda *a: None)

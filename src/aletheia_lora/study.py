@@ -27,8 +27,14 @@ arm                      layers
 ``top-asym``             ``top`` with attention r=16, MLP r=64 (the package default since this study)
 ``depth-aware-asym``     ``depth-aware`` with attention r=16, MLP r=64
 ``lora-all-asym``        every layer with attention r=16, MLP r=64
+``depth-aware@1.5x``     ``depth-aware`` at ``target_speedup=1.5`` (any target > 1), predicted by
+                         the FLOP model *calibrated on this machine* at the study's batch shape
+                         (``batch_size`` x ``max_length``, uniform r; once per study, kept in
+                         ``study.json["machine_cost"]``): the cut that is really that much faster
+                         here. A target no selection reaches is refused before any training.
 ``lora-all-equal-time``  every layer, for as many steps as fit in ``top``'s wall-clock
-                         (probe included) at ``lora-all``'s measured step time
+                         (probe included) at ``lora-all``'s measured step time; with it, every
+                         other selection arm gets the same twin, ``lora-all-equal-time:NAME``
 =======================  ==================================================================
 
 Nothing here looks at the test split before the evaluation: the hyperparameters are fixed in
@@ -65,9 +71,11 @@ seed the arm and its controls share data order and initialisation):
   p is ``(K + 1) ** -S``: 1/4 for one seed and 3 controls, 1/64 for 3 seeds.
 
 **Equal wall-clock.** Per seed, ``lora-all-equal-time`` gets as many all-layer steps as fit in that
-seed's ``top`` wall-clock (its probe included, at the measured step times); ``answers["top_vs_all"]``
-gives ``top``'s NLL against ``lora-all`` at equal steps and against ``lora-all-equal-time`` per seed, with
-mean and sd over seeds. The controls are compared at equal steps only: they skip the probe, so at equal
+seed's ``top`` wall-clock (its probe included, at the measured step times), and
+``lora-all-equal-time:NAME`` as many as fit in arm NAME's (a twin whose step count equals an earlier
+all-layer run's of the same seed reuses that run: ``"same_as"``). ``answers["vs_all"]`` gives every
+selection arm's NLL against ``lora-all`` at equal steps and against its twin, per seed with mean and sd,
+beside its predicted and measured speedups; ``answers["top_vs_all"]`` is ``top``'s row, as before. The controls are compared at equal steps only: they skip the probe, so at equal
 steps they take at most the arm's wall-clock.
 
 **Resume.** ``study.json`` is rewritten after every run (arm, control, equal-time arm); ``--resume true``
@@ -82,6 +90,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -94,11 +103,12 @@ from torch import nn
 from .architecture import find_blocks
 from .batches import collate
 from .contribution import NAME as CONTRIBUTION
+from .costmodel import CostModel
 from .data import load_data, prepare_data, tokenize_dataset
 from .evaluation import mean_loss
 from .finetune import batch_order, load_base, train_arm
 from .io import atomic_write_text
-from .plan import run_probe, select, wrap_with_plan
+from .plan import machine_cost, run_probe, select, wrap_with_plan
 from .report import new_figure, render_table, save_png
 from .runs import check_output_dir, hardware, resumable_record, versions
 from .scores import LayerScores
@@ -148,6 +158,7 @@ class Arm:
     seed: int = 0
     attention_r: int | None = None
     mlp_r: int | None = None
+    target_speedup: float | None = None  # depth-aware at this speedup, predicted by the machine's cost model
 
 
 ARMS = {
@@ -167,6 +178,53 @@ ARMS = {
         Arm(EQUAL_TIME, None),
     )
 }
+TARGET_ARM = "depth-aware@"  # + "1.5x": depth-aware at a target speedup measured on this machine
+
+
+def target_arm(target: float) -> str:
+    """The name of the arm that picks, by depth-aware, the layers predicted ``target`` times faster than
+    all-layer LoRA on this machine: ``depth-aware@1.5x``."""
+    return f"{TARGET_ARM}{target:g}x"
+
+
+def equal_time_name(of: str) -> str:
+    """The all-layer run that gets arm ``of``'s wall-clock: ``lora-all-equal-time`` for ``top`` (its name
+    in every study so far), ``lora-all-equal-time:last`` for another arm."""
+    return EQUAL_TIME if of == DEFAULT_ARM else f"{EQUAL_TIME}:{of}"
+
+
+def arm_named(name: str) -> Arm:
+    """The arm called ``name``: one of :data:`ARMS`, a target arm (``depth-aware@1.5x``) or an equal-time
+    twin (``lora-all-equal-time:NAME``)."""
+    if name in ARMS:
+        return ARMS[name]
+    if name.startswith(EQUAL_TIME + ":"):
+        arm_named(name[len(EQUAL_TIME) + 1 :])
+        return Arm(name, None)
+    match = re.fullmatch(re.escape(TARGET_ARM) + r"(\d+(?:\.\d+)?)x", name)
+    if match and float(match[1]) > 1:
+        return Arm(name, "depth-aware", target_speedup=float(match[1]))
+    raise ValueError(
+        f"unknown arm {name!r}; choose from {list(ARMS)}, or {TARGET_ARM}TARGETx for depth-aware at a target "
+        f"speedup over all-layer LoRA on this machine (e.g. {target_arm(1.5)})."
+    )
+
+
+def is_equal_time(name: str) -> bool:
+    """Whether ``name`` is an all-layer run timed to another arm's wall-clock."""
+    return name == EQUAL_TIME or name.startswith(EQUAL_TIME + ":")
+
+
+def arm_order(name: str) -> tuple:
+    """Sort key of arm names: :data:`ARMS`' order, then target arms by target, then equal-time twins."""
+    if name in ARMS:
+        return (0, list(ARMS).index(name), 0.0, "")
+    if name.startswith(EQUAL_TIME + ":"):
+        return (2, *arm_order(name[len(EQUAL_TIME) + 1 :])[1:])
+    try:
+        return (1, 0, arm_named(name).target_speedup or 0.0, name)
+    except ValueError:  # an arm this version does not know: last
+        return (3, 0, 0.0, name)
 
 
 @dataclass(kw_only=True)
@@ -203,8 +261,11 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
     )
     arms: list[str] = field(
         default_factory=lambda: list(ARMS),
-        metadata={"help": "Arms to run (lora-all always runs).", "choices": list(ARMS)},
-    )
+        metadata={"help": f"Arms to run (lora-all always runs): {', '.join(ARMS)}, or {TARGET_ARM}TARGETx "
+                  f"(e.g. {target_arm(1.5)}: depth-aware at that speedup, predicted by a cost model "
+                  f"calibrated on this machine at the study's batch shape). {EQUAL_TIME} gives every "
+                  f"selection arm an all-layer twin trained for the arm's wall-clock."},
+    )  # fmt: skip
     steps: int = field(default=48, metadata={"help": "Optimizer steps per arm."})
     batch_size: int = field(default=4, metadata={"help": "Examples per step."})
     max_length: int = field(default=256, metadata={"help": "Truncate training examples to this many tokens."})
@@ -255,11 +316,15 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
             )
         if isinstance(self.arms, str):
             self.arms = [self.arms]
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown:
-            raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}.")
+        for name in self.arms:
+            if name.startswith(EQUAL_TIME + ":"):
+                raise ValueError(
+                    f"arms has {name!r}; ask for {EQUAL_TIME} instead: it gives every selection arm its "
+                    f"equal-time twin."
+                )
+            arm_named(name)
         wanted = {BASELINE, *self.arms} | ({DEFAULT_ARM} if EQUAL_TIME in self.arms else set())
-        self.arms = [a for a in ARMS if a in wanted]  # fixed order: the baseline and default come first
+        self.arms = sorted(wanted, key=arm_order)  # fixed order: the baseline and default come first
         at_least(
             self,
             1,
@@ -447,7 +512,7 @@ def time_arms(base, tokenizer, arms: list[dict], rows, order, args: StudyArgumen
             continue
         label = _label(a, args.seed)
         configs[label] = _signature(a)
-        config = _config(ARMS[a["arm"]], args, args.seed)
+        config = _config(arm_named(a["arm"]), args, args.seed)
         dummy = LayerScores({i: 1.0 for i in range(len(a["selected_layers"]))})
         model, _ = wrap_with_plan(copy.deepcopy(base), dummy, a["selected_layers"], config)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -484,7 +549,7 @@ def _config(arm: Arm, args: StudyArguments, seed: int) -> AletheiaConfig:
     return AletheiaConfig(
         top_pct=args.top_pct,
         top_k=args.top_k,
-        target_speedup=args.target_speedup if strategy == "depth-aware" else None,
+        target_speedup=arm.target_speedup or (args.target_speedup if strategy == "depth-aware" else None),
         strategy=strategy,
         probe_params=arm.probe_params,
         probe_batches=args.probe_batches,
@@ -535,8 +600,10 @@ def run_arm(
     args: StudyArguments,
     probes: dict,
     seed: int | None = None,
+    cost: CostModel | None = None,
 ) -> dict[str, Any]:
-    """Select (one probe per seed and scoring, shared by the arms that use it), wrap, train, evaluate."""
+    """Select (one probe per seed and scoring, shared by the arms that use it), wrap, train, evaluate.
+    ``cost``: the cost model a target arm's depth-aware weighs layers by (default: the model's FLOPs)."""
     seed = args.seed if seed is None else seed
     model = copy.deepcopy(base)
     config = _config(arm, args, seed)
@@ -552,7 +619,9 @@ def run_arm(
     if arm.strategy is None:
         selected = list(range(find_blocks(model).num_layers))
     else:
-        selected = select(scores, config, model=model, seed=arm.seed)
+        selected = select(
+            scores, config, model=model, seed=arm.seed, cost=cost if arm.target_speedup else None
+        )
     probed = arm.strategy in PROBED  # the arms that pay for the probe
     if not probed:  # nor do they continue a contribution warm-up: they start from LoRA's initialisation
         scores = LayerScores(scores, meta=scores.meta, signals=scores.signals)
@@ -581,7 +650,7 @@ def run_control(
     """Draw ``draw`` of ``parent``'s cost-matched random control (:func:`stats.matched_random`), trained
     like ``parent`` (its ranks, seed and steps) without a probe, and evaluated. An ``earlier`` run of the
     same seed, layers, ranks and steps is reused instead of trained again (``"same_as"``)."""
-    arm, seed = ARMS[parent["arm"]], parent["seed"]
+    arm, seed = arm_named(parent["arm"]), parent["seed"]
     selected = matched_random(parent["selected_layers"], find_blocks(base).num_layers, draw, seed)
     entry = {
         "arm": arm.name,
@@ -621,8 +690,11 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
     single-seed questions asked of each arm's mean over seeds, plus the seed statistics."""
     base = record["base"]
     refs = {a["seed"]: a for a in record["arms"] if a["arm"] == BASELINE}
+    cost = CostModel(**record["machine_cost"]) if record.get("machine_cost") else None
     for a in record["arms"]:
         a["delta"] = _deltas(a, base)
+        if cost is not None and a.get("attention_r") is None and a.get("mlp_r") is None:  # calibrated at r
+            a["machine_predicted_speedup"] = cost.speedup(a["selected_layers"])
         ref = refs.get(a["seed"])
         if ref:
             a["measured_speedup"] = _step_seconds(record, ref) / _step_seconds(record, a)
@@ -641,14 +713,14 @@ def _step_seconds(record: dict[str, Any], arm: dict) -> float:
     if "configs" in timing:
         label = next((k for k, v in timing["configs"].items() if v == _signature(arm)), None)
         return timed[label] if label in timed else arm["step_seconds"]
-    name = BASELINE if arm["arm"] == EQUAL_TIME else arm["arm"]  # a record from before the seeds
+    name = BASELINE if is_equal_time(arm["arm"]) else arm["arm"]  # a record from before the seeds
     return timed.get(name, arm["step_seconds"])
 
 
 def _by_arm(runs: list[dict]) -> dict[str, list[dict]]:
     """Runs grouped by arm, in the study's arm order, each group in seed order of appearance."""
     out: dict[str, list[dict]] = {}
-    for a in sorted(runs, key=lambda a: list(ARMS).index(a["arm"]) if a["arm"] in ARMS else len(ARMS)):
+    for a in sorted(runs, key=lambda a: arm_order(a["arm"])):
         out.setdefault(a["arm"], []).append(a)
     return out
 
@@ -782,8 +854,8 @@ def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
     """The seed statistics: each probe-driven arm against its matched controls, and ``top`` against
     all-layer LoRA at equal steps and at equal wall-clock, per seed with mean and sd."""
     out: dict[str, Any] = {"vs_matched_random": {}, "probe_stability": probe_stability(record)}
-    for name in ARMS:
-        if ARMS[name].strategy in PROBED:
+    for name in _by_arm(record["arms"]):
+        if arm_order(name)[0] != 3 and arm_named(name).strategy in PROBED:
             comparison = matched_comparison(record, name)
             if comparison is not None:
                 out["vs_matched_random"][name] = comparison
@@ -793,6 +865,20 @@ def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
     def versus(other: str):
         return lambda a: _nll(a) / _nll(runs[other, a["seed"]]) - 1 if (other, a["seed"]) in runs else None
 
+    out["vs_all"] = {}
+    for name, group in _by_arm(record["arms"]).items():
+        if arm_order(name)[0] == 3 or arm_named(name).strategy is None:
+            continue
+        twin = equal_time_name(name)
+        out["vs_all"][name] = {
+            "layers": {str(a["seed"]): a["selected_layers"] for a in group},
+            "equal_steps": _seed_values(group, versus(BASELINE)),
+            "equal_time": _seed_values(group, versus(twin)),
+            "equal_time_steps": {str(s): a["steps"] for (n, s), a in runs.items() if n == twin},
+            "measured_speedup": _seed_values(group, lambda a: a.get("measured_speedup")),
+            "predicted_speedup": _seed_values(group, lambda a: a.get("predicted_speedup")),
+            "machine_predicted_speedup": _seed_values(group, lambda a: a.get("machine_predicted_speedup")),
+        }
     if tops and any((BASELINE, a["seed"]) in runs for a in tops):
         out["top_vs_all"] = {
             "equal_steps": _seed_values(tops, versus(BASELINE)),
@@ -911,6 +997,35 @@ def answers(arms: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def target_cost(
+    base: nn.Module, record: dict[str, Any], args: StudyArguments, say, write
+) -> CostModel | None:
+    """The cost model the target arms (``depth-aware@1.5x``) pick by: the model's FLOP model fitted to
+    step times measured on this machine at the study's batch (``batch_size`` x ``max_length`` tokens,
+    uniform r), once per study (kept in ``record["machine_cost"]`` for ``--resume``). None without target
+    arms. A target no selection reaches is refused before any training."""
+    targets = [arm_named(name).target_speedup for name in args.arms if arm_named(name).target_speedup]
+    if not targets:
+        return None
+    if record.get("machine_cost") is None:
+        say(f"calibrating the cost model on this machine ({args.batch_size} x {args.max_length} tokens) ...")
+        config = dataclasses.replace(
+            _config(ARMS[DEFAULT_ARM], args, args.seed),
+            calibrate_batch_size=args.batch_size,
+            calibrate_seq_len=args.max_length,
+        )
+        record["machine_cost"] = dataclasses.asdict(machine_cost(base, config))
+        write()
+    cost = CostModel(**record["machine_cost"])
+    fastest = cost.speedup([cost.num_layers - 1])  # the last layer alone: the cheapest selection
+    if max(targets) > fastest:
+        raise ValueError(
+            f"{target_arm(max(targets))} is out of reach: on this machine the fastest selection (the last layer "
+            f"alone) is predicted {fastest:.2f}x faster than all-layer LoRA; ask for a lower target."
+        )
+    return cost
+
+
 def run_study(args: StudyArguments, *, log=print, command: list[str] | None = None) -> dict[str, Any]:
     """Run every arm of ``args`` once per seed, with its matched controls, and write study.json /
     study.md / study.png to ``args.output_dir``."""
@@ -957,15 +1072,18 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         record["base_eval_seconds"] = time.perf_counter() - start
         write()
     probes: dict = {}
+    cost = target_cost(base, record, args, say, write)
 
     def run(name: str, seed: int) -> dict | None:
         return next((a for a in record["arms"] if a["arm"] == name and a["seed"] == seed), None)
 
-    def train(name: str, seed: int, arm_order: list[list[int]]) -> None:
+    def train(name: str, seed: int, arm_order: list[list[int]], time_of: str | None = None) -> None:
         say(f"{name} (seed {seed}): training {len(arm_order)} steps ...")
         start = time.perf_counter()
-        result = run_arm(base, tokenizer, ARMS[name], rows, arm_order, inputs, args, probes, seed)
+        result = run_arm(base, tokenizer, arm_named(name), rows, arm_order, inputs, args, probes, seed, cost)
         result["seconds"] = time.perf_counter() - start
+        if time_of is not None:
+            result["time_of"] = time_of
         record["arms"].append(result)
         for (s, params), (scores, seconds) in probes.items():  # the probe(s) this run made
             signals = {n: {str(k): v for k, v in values.items()} for n, values in scores.signals.items()}
@@ -979,7 +1097,7 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
 
     def control(parent: dict, draw: int, arm_order: list[list[int]]) -> None:
         start = time.perf_counter()
-        earlier = [a for a in record["arms"] if a["arm"] != EQUAL_TIME] + record["controls"]
+        earlier = [a for a in record["arms"] if not is_equal_time(a["arm"])] + record["controls"]
         result = run_control(base, tokenizer, parent, draw, rows, arm_order, inputs, args, earlier)
         result["seconds"] = time.perf_counter() - start
         record["controls"].append(result)
@@ -996,7 +1114,7 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
                 say(f"{name} (seed {seed}): kept from the earlier run")
         for name in args.arms:
             parent = run(name, seed)
-            if ARMS[name].strategy not in PROBED or not args.controls:
+            if arm_named(name).strategy not in PROBED or not args.controls:
                 continue
             if matched_choices(parent["selected_layers"], record["num_layers"]) == 1:
                 say(f"{name} (seed {seed}): layers {parent['selected_layers']} are every layer from the "
@@ -1007,7 +1125,7 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
                     c["arm"] == name and c["seed"] == seed and c["draw"] == draw for c in record["controls"]
                 ):
                     control(parent, draw, orders[seed][: args.steps])
-    trained = [a for a in record["arms"] if a["arm"] != EQUAL_TIME]
+    trained = [a for a in record["arms"] if not is_equal_time(a["arm"])]
     timing = record.get("timing") or {}
     timed = [list(v) for v in timing.get("configs", {}).values()]
     needed: list[list] = []
@@ -1020,13 +1138,24 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         write()
     if EQUAL_TIME in args.arms:
         for seed in seeds:
-            if run(EQUAL_TIME, seed) is not None:
-                continue
-            # as many all-layer steps as fit in the default arm's wall-clock, probe included
-            top, all_layers = run(DEFAULT_ARM, seed), run(BASELINE, seed)
-            wall = top["probe_seconds"] + args.steps * _step_seconds(record, top)
-            steps = math.floor(wall / _step_seconds(record, all_layers))
-            train(EQUAL_TIME, seed, orders[seed][: max(1, min(steps, len(orders[seed])))])
+            for name in args.arms:
+                twin = equal_time_name(name)
+                if arm_named(name).strategy is None or run(twin, seed) is not None:
+                    continue  # all-layer arms need no twin
+                # as many all-layer steps as fit in the arm's wall-clock, probe included
+                arm, all_layers = run(name, seed), run(BASELINE, seed)
+                wall = arm["probe_seconds"] + args.steps * _step_seconds(record, arm)
+                steps = max(1, min(math.floor(wall / _step_seconds(record, all_layers)), len(orders[seed])))
+                same = next((a for a in record["arms"] if a["seed"] == seed and a["steps"] == steps
+                             and (a["arm"] == BASELINE or is_equal_time(a["arm"])) and "same_as" not in a),
+                            None)  # fmt: skip
+                if same is None:
+                    train(twin, seed, orders[seed][:steps], time_of=name)
+                    continue
+                # all-layer training is deterministic in seed and steps: the same run, not trained again
+                record["arms"].append(same | {"arm": twin, "time_of": name, "same_as": same["arm"]})
+                say(f"{twin} (seed {seed}): {steps} steps, the result of {same['arm']}")
+                write()
     record["budget_layers"] = budget(record["num_layers"], args.top_pct)
     record["answers"] = summarize(record)
     write()
@@ -1172,6 +1301,25 @@ def controls_table(record: dict[str, Any]) -> str:
             p,
             m["relabellings"] if m["p_value"] is not None else "", steps,
         ])  # fmt: skip
+    return render_table(head, rows) + "\n"
+
+
+def vs_all_table(record: dict[str, Any]) -> str:
+    """Each selection arm against all-layer LoRA at equal steps and at equal wall-clock
+    (``answers["vs_all"]``), with its predicted and measured step speedups."""
+    rows = []
+    for name, v in ((record.get("answers") or seed_answers(record)).get("vs_all") or {}).items():
+        layers = {_layers(x) for x in v["layers"].values()}
+        steps = sorted(set(v["equal_time_steps"].values()))
+        rows.append([
+            f"**{name}**" if name == DEFAULT_ARM else name,
+            next(iter(layers)) if len(layers) == 1 else "; ".join(f"{s}: {_layers(x)}" for s, x in v["layers"].items()),
+            _mean_sd(v["predicted_speedup"], ".2f"), _mean_sd(v["machine_predicted_speedup"], ".2f"),
+            _mean_sd(v["measured_speedup"], ".2f"), _mean_sd(v["equal_steps"], "+.1%"),
+            _mean_sd(v["equal_time"], "+.1%"), "-".join(map(str, steps[:: max(1, len(steps) - 1)])),
+        ])  # fmt: skip
+    head = ["arm", "layers", "predicted (FLOPs, H200)", "predicted (this machine)", "measured speedup",
+            "NLL vs all-layer, equal steps", "NLL vs all-layer, equal wall-clock", "all-layer steps in that time"]  # fmt: skip
     return render_table(head, rows) + "\n"
 
 
@@ -1385,6 +1533,18 @@ def markdown_report(record: dict[str, Any]) -> str:
         ]
         if record.get("controls"):
             lines += ["### Control runs", "", control_runs_table(record)]
+    if (record.get("answers") or {}).get("vs_all"):
+        lines += [
+            "## Against all-layer LoRA: equal steps and equal wall-clock",
+            "",
+            "Test NLL of each selection arm relative to all-layer LoRA of the same seed (negative: the arm is "
+            "better), mean ± sd over seeds: at the same number of steps, and against all-layer LoRA trained for "
+            "as many steps as fit in the arm's wall-clock (its probe included; `lora-all-equal-time*` runs). "
+            "Speedups: predicted by the FLOP model with H200 factors, by the cost model calibrated on this "
+            "machine (when a target arm ran), and measured side by side.",
+            "",
+            vs_all_table(record),
+        ]
     if (record.get("answers") or {}).get("probe_stability"):
         lines += [
             "## Probe signals across seeds",
