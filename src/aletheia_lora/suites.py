@@ -15,8 +15,10 @@ suite              data                                          metrics
                    ``code_exec``)
 =================  ============================================  ===========================================
 
-Every suite reports ``n`` (items scored). ``--limit N`` keeps the first N items after a shuffle
-seeded by ``seed`` (``sample``), so a run is repeatable; decoding is greedy.
+Every suite reports ``n`` (items scored) and takes ``progress`` (``evaluation.Progress``: items
+done / total after each batch; a suite that scores and then generates counts each item twice).
+``--limit N`` keeps the first N items after a shuffle seeded by ``seed`` (``sample``), so a run is
+repeatable; decoding is greedy.
 ``prepare_inputs`` loads each suite's items once and ``run_suites`` scores a model on them; the
 ``eval`` command (``eval.py``) runs them on a model with and without its adapter.
 """
@@ -27,7 +29,7 @@ import csv
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from .data import (
     load_data,
     tokenize_dataset,
 )
-from .evaluation import evaluate_task, exact_match, mean_loss
+from .evaluation import Progress, evaluate_task, exact_match, exact_match_rows, mean_loss, phase_progress
 from .lm_eval_bridge import run_lm_eval
 
 SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k", "humaneval_exec")
@@ -120,7 +122,9 @@ def load_task_rows(data: str | None) -> list[dict]:
         return load_data(data, split="train")
 
 
-def task_suite(model: nn.Module, tokenizer, task: TaskRows, *, batch_size: int = 8) -> dict[str, Any]:
+def task_suite(
+    model: nn.Module, tokenizer, task: TaskRows, *, batch_size: int = 8, progress: Progress | None = None
+) -> dict[str, Any]:
     """Held-out loss (``nll``) and, where the answers are numeric, greedy exact match: the same
     evaluation (``evaluation.evaluate_task``) as ``train``'s before/after report."""
     result = evaluate_task(
@@ -133,6 +137,7 @@ def task_suite(model: nn.Module, tokenizer, task: TaskRows, *, batch_size: int =
         generate=task.generate,
         max_new_tokens=task.max_new_tokens,
         batch_size=batch_size,
+        progress=progress,
     )
     result["nll"] = result.pop("loss")
     return result
@@ -162,6 +167,18 @@ def text_windows(text: str, tokenizer, max_length: int) -> list[dict]:
     ]
 
 
+def general_text_windows(
+    tokenizer, text: str | None = None, *, max_length: int = 512, limit: int | None = None, seed: int = 0
+) -> list[dict]:
+    """The windows ``general_text_suite`` scores: of ``text`` (default ``default_text()``), sampled."""
+    windows = sample(
+        text_windows(default_text() if text is None else text, tokenizer, max_length), limit, seed
+    )
+    if not windows:
+        raise ValueError("the general text has fewer than 2 tokens; pass a longer --text file")
+    return windows
+
+
 def general_text_suite(
     model: nn.Module,
     tokenizer,
@@ -171,15 +188,18 @@ def general_text_suite(
     limit: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    windows: list[dict] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Mean token NLL over windows of ``text`` (default ``default_text()``); ``n`` counts windows."""
-    windows = sample(
-        text_windows(default_text() if text is None else text, tokenizer, max_length), limit, seed
-    )
-    if not windows:
-        raise ValueError("the general text has fewer than 2 tokens; pass a longer --text file")
+    """Mean token NLL over windows of ``text`` (default ``default_text()``); ``n`` counts windows.
+    ``windows``: already cut by ``general_text_windows`` (``text``, ``max_length``, ``limit`` and
+    ``seed`` are then unused)."""
+    if windows is None:
+        windows = general_text_windows(tokenizer, text, max_length=max_length, limit=limit, seed=seed)
     return {
-        "nll": mean_loss(model, windows, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
+        "nll": mean_loss(
+            model, windows, batch_size=batch_size, pad_token_id=_pad_id(tokenizer), progress=progress
+        ),
         "tokens": _token_count(windows),
         "n": len(windows),
     }
@@ -210,12 +230,15 @@ def humaneval_suite(
     limit: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Mean NLL per token of each canonical solution given its prompt. No code is executed."""
     chosen = sample(humaneval_problems() if problems is None else problems, limit, seed)
     rows = pair_rows([(p["prompt"], p["canonical_solution"]) for p in chosen], tokenizer, max_length)
     return {
-        "nll": mean_loss(model, rows, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
+        "nll": mean_loss(
+            model, rows, batch_size=batch_size, pad_token_id=_pad_id(tokenizer), progress=progress
+        ),
         "tokens": _token_count(rows),
         "n": len(rows),
     }
@@ -302,6 +325,7 @@ def mmlu_suite(
     *,
     shots: int = 0,
     max_length: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Accuracy of argmax over the log-likelihood of " A".." D" after the prompt, and the mean
     log-likelihood of the correct letter. Prompts longer than ``max_length`` keep their end."""
@@ -310,7 +334,7 @@ def mmlu_suite(
     letters = [list(tokenizer(" " + letter, add_special_tokens=False)["input_ids"]) for letter in LETTERS]
     correct, loglik = 0, 0.0
     try:
-        for row in rows:
+        for done, row in enumerate(rows, 1):
             prompt_ids = encode_prompt(mmlu_prompt(row, shots), tokenizer)
             if max_length is not None:
                 prompt_ids = prompt_ids[-(max_length - max(map(len, letters))) :]
@@ -318,6 +342,8 @@ def mmlu_suite(
             gold = LETTERS.index(row["answer"])
             correct += max(range(4), key=scores.__getitem__) == gold
             loglik += scores[gold]
+            if progress is not None:
+                progress(done, len(rows))
     finally:
         model.train(was_training)
     n = len(rows)
@@ -336,17 +362,21 @@ def gsm8k_suite(
     max_length: int = 512,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Mean NLL of each reference answer given the question prompt; greedy exact match if ``generate``
     (``max_new_tokens``: default from the gold answers, ``evaluation.answer_budget``)."""
     rows = list(rows)
     tokenized = tokenize_dataset(rows, tokenizer, format="question_answer", max_length=max_length)
-    out: dict[str, Any] = {
-        "nll": mean_loss(model, tokenized, batch_size=batch_size, pad_token_id=_pad_id(tokenizer)),
-        "n": len(tokenized),
-    }
+    total = len(tokenized) + (len(rows) if generate else 0)  # progress: answers scored, then generated
+    scoring, generating = phase_progress(progress, 0, total), phase_progress(progress, len(tokenized), total)
+    nll = mean_loss(
+        model, tokenized, batch_size=batch_size, pad_token_id=_pad_id(tokenizer), progress=scoring
+    )
+    out: dict[str, Any] = {"nll": nll, "n": len(tokenized)}
     if generate:
-        em = exact_match(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        em = exact_match(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         progress=generating)  # fmt: skip
         out["exact_match"], out["cut_off"] = em["exact_match"], em["cut_off"]
     return out
 
@@ -400,10 +430,61 @@ def prepare_inputs(suites: Sequence[str], settings: dict[str, Any]) -> dict[str,
     return inputs
 
 
-def _items(data: Any) -> int:
-    if isinstance(data, TaskRows):
-        return len(data.rows)
-    return len(data) if isinstance(data, (list, tuple)) else 1
+def _work(name: str, data: Any, settings: dict[str, Any]) -> tuple[int, str]:
+    """Items a suite's progress counts to, and what they are when they are not simply its data items."""
+    if name == "task":
+        generated = len(exact_match_rows(data.rows, data.generate))
+        scored = f"{len(data.rows)} rows scored"
+        return len(data.rows) + generated, f"{scored} + {generated} answers generated" if generated else ""
+    if name == "gsm8k" and settings.get("gsm8k_generate"):
+        return 2 * len(data), f"{len(data)} answers scored + {len(data)} generated"
+    samples = settings.get("humaneval_samples", 1)
+    if name == "humaneval_exec" and samples > 1:
+        return len(data) * samples, f"{len(data)} problems x {samples} completions"
+    return len(data), ""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class _Progress:
+    """``run_suites``' lines inside a suite: items done / total, rate and time left, at most one every
+    ``every`` seconds; and once, after the first batch of the first suite, a rough estimate of the
+    whole evaluation (``planned`` items, ``what`` in words; no estimate when ``planned`` is 0)."""
+
+    say: Callable[[str], Any]
+    label: str
+    every: float
+    planned: int
+    what: str
+
+    def suite(self, name: str) -> Progress:
+        start = last = time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            took = max(now - start, 1e-9)
+            if self.planned:
+                self.say(
+                    f"  {self.label}first batch took {took:.1f} s ({done} items); estimated "
+                    f"~{_duration(took / done * self.planned)} for {self.what} ({self.planned} items; rough: "
+                    f"items differ in cost between suites, generating an answer costs most)"
+                )
+                self.planned = 0
+            if now - last >= self.every:
+                rate = done / took
+                self.say(
+                    f"  {self.label}{name}: {done}/{total} items, {rate:.3g} items/s, "
+                    f"~{_duration((total - done) / rate)} left"
+                )
+                last = now
+
+        return report
 
 
 def run_suites(
@@ -414,46 +495,62 @@ def run_suites(
     *,
     log=None,
     label: str = "",
+    progress_every: float = 10.0,
+    estimate_runs: int = 1,
 ) -> dict[str, dict]:
     """Run each suite of ``inputs`` (from ``prepare_inputs``) on ``model``; suite name -> metrics.
-    ``log`` gets a line as each suite starts and ends (items, seconds, items per second)."""
+
+    ``log`` (``None``: silent) gets a line as each suite starts and ends (items, seconds, items per
+    second), a progress line inside a suite at most every ``progress_every`` seconds, and after the
+    first batch a rough estimate of the time ``estimate_runs`` runs of these suites take (``eval
+    --compare_base``: 2, then 0 for the second run: no estimate). A suite's items are its data items,
+    counted twice where it scores and then generates answers for them.
+    """
     max_length = settings.get("max_length", 512)
     batch_size = settings.get("batch_size", 8)
     max_new_tokens = settings.get("max_new_tokens")
+    limit, seed = settings.get("limit"), settings.get("seed", 0)
     common = {"max_length": max_length, "batch_size": batch_size}
+    if "general_text" in inputs:  # cut once, so its size is known before it runs
+        windows = general_text_windows(
+            tokenizer, inputs["general_text"], max_length=max_length, limit=limit, seed=seed
+        )
+        inputs = {**inputs, "general_text": windows}
+    work = {name: _work(name, data, settings) for name, data in inputs.items()}
+    planned = estimate_runs * sum(items for items, _ in work.values())
+    what = f"all {len(inputs)} suites" + (f" x {estimate_runs} runs" if estimate_runs > 1 else "")
+    what += ", lm-eval tasks not counted" if settings.get("lm_eval_tasks") else ""
+    reporter = _Progress(log, label, progress_every, planned, what) if log else None
     say = log or (lambda line: None)
     out: dict[str, dict] = {}
     for k, (name, data) in enumerate(inputs.items(), 1):
-        items, start = _items(data), time.perf_counter()
-        say(f"  {label}{name} ({k}/{len(inputs)}): {items} items ...")
+        (items, detail), start = work[name], time.perf_counter()
+        progress = reporter.suite(name) if reporter else None
+        say(f"  {label}{name} ({k}/{len(inputs)}): {items} items{f' ({detail})' if detail else ''} ...")
         if name == "task":
-            out[name] = task_suite(model, tokenizer, data, batch_size=batch_size)
+            out[name] = task_suite(model, tokenizer, data, batch_size=batch_size, progress=progress)
         elif name == "general_text":
-            out[name] = general_text_suite(
-                model, tokenizer, data, limit=settings.get("limit"), seed=settings.get("seed", 0), **common
-            )
+            out[name] = general_text_suite(model, tokenizer, windows=data, progress=progress, **common)
         elif name == "humaneval":
-            out[name] = humaneval_suite(model, tokenizer, problems=data, **common)
+            out[name] = humaneval_suite(model, tokenizer, problems=data, progress=progress, **common)
         elif name == "mmlu":
-            out[name] = mmlu_suite(
-                model, tokenizer, data, shots=settings.get("mmlu_shots", 0), max_length=max_length
-            )
+            out[name] = mmlu_suite(model, tokenizer, data, shots=settings.get("mmlu_shots", 0),
+                                   max_length=max_length, progress=progress)  # fmt: skip
         elif name == "humaneval_exec":
             samples = settings.get("humaneval_samples", 1)
             out[name] = humaneval_pass_suite(
                 model, tokenizer, data, samples=samples, k=[k for k in (1, 10, 100) if k <= samples],
-                max_new_tokens=max_new_tokens or 256, batch_size=batch_size, seed=settings.get("seed", 0),
+                max_new_tokens=max_new_tokens or 256, batch_size=batch_size, seed=seed, progress=progress,
             )  # fmt: skip
         elif name == "gsm8k":
             out[name] = gsm8k_suite(model, tokenizer, data, generate=settings.get("gsm8k_generate", False),
-                                    max_new_tokens=max_new_tokens, **common)  # fmt: skip
+                                    max_new_tokens=max_new_tokens, progress=progress, **common)  # fmt: skip
         took = time.perf_counter() - start
         say(f"  {label}{name}: done, {items} items in {took:.1f} s ({items / max(took, 1e-9):.2f} items/s)")
     if settings.get("lm_eval_tasks"):
         results = run_lm_eval(
             model, tokenizer, settings["lm_eval_tasks"], include_path=settings.get("lm_eval_include"),
-            limit=settings.get("limit"), num_fewshot=settings.get("lm_eval_fewshot"), batch_size=batch_size,
-            seed=settings.get("seed", 0),
+            limit=limit, num_fewshot=settings.get("lm_eval_fewshot"), batch_size=batch_size, seed=seed,
         )  # fmt: skip
         out.update({f"lm_eval:{task}": metrics for task, metrics in results.items()})
     return out
