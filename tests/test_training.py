@@ -263,3 +263,25 @@ def test_default_ranks_are_asymmetric_and_old_plans_stay_uniform():
     assert AletheiaPlan.from_dict(old).config.effective_mlp_r == 16
     with pytest.raises(ValueError, match="mlp_rank_factor=0"):
         AletheiaConfig(mlp_rank_factor=0)
+
+
+def test_train_reports_progress_inside_its_held_out_evaluation(tmp_path):
+    """``train``'s before/after evaluation logs items done / total (here unthrottled), silent without a log."""
+    from conftest import qa_rows, write_jsonl
+
+    from aletheia_lora.data import prepare_data
+    from aletheia_lora.settings import DataSettings
+    from aletheia_lora.train import _metrics
+
+    write_jsonl(tmp_path / "train.jsonl", qa_rows(12, seed=0))
+    write_jsonl(tmp_path / "test.jsonl", qa_rows(5, seed=1))
+    tokenizer, model = word_tokenizer(), tiny_model("llama").eval()
+    data = prepare_data(DataSettings(data=str(tmp_path), max_length=32), tokenizer, seed=0)
+    lines: list[str] = []
+    logged = _metrics(model, tokenizer, data, 2, lines.append, progress_every=0)
+    counts = [tuple(map(int, re.search(r"held-out: (\d+)/(\d+) items", line).groups())) for line in lines]
+    assert counts and counts[-1][0] == counts[-1][1] == 5 + 2  # 5 rows scored, then 2 answers generated
+    assert [done for done, _ in counts] == sorted({done for done, _ in counts})
+    assert (
+        _metrics(model, tokenizer, data, 2) == logged
+    )  # and without a log: nothing to say, the same numbers

@@ -18,7 +18,9 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +33,51 @@ from .data import detect_format, encode_prompt, extract_final_answer, format_pro
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 
 Progress = Callable[[int, int], None]  # progress(items done, items in all), called after each batch
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a person: "40 s", "12 min", "2.5 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class ProgressLog:
+    """Progress lines of an evaluation (``suites.run_suites``, ``train``'s before/after): inside each
+    suite, items done / total, rate and time left, at most one line every ``every`` seconds; and once,
+    after the first batch of the first suite, a rough estimate of the whole evaluation (``planned``
+    items, ``what`` in words; no estimate when ``planned`` is 0)."""
+
+    say: Callable[[str], Any]
+    label: str
+    every: float
+    planned: int
+    what: str
+
+    def suite(self, name: str) -> Progress:
+        start = last = time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            took = max(now - start, 1e-9)
+            if self.planned:
+                self.say(
+                    f"  {self.label}first batch took {took:.1f} s ({done} items); estimated "
+                    f"~{duration(took / done * self.planned)} for {self.what} ({self.planned} items; rough: "
+                    f"items differ in cost between suites, generating an answer costs most)"
+                )
+                self.planned = 0
+            if now - last >= self.every:
+                rate = done / took
+                self.say(
+                    f"  {self.label}{name}: {done}/{total} items, {rate:.3g} items/s, "
+                    f"~{duration((total - done) / rate)} left"
+                )
+                last = now
+
+        return report
 
 
 def phase_progress(progress: Progress | None, before: int, total: int) -> Progress | None:

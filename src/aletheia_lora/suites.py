@@ -29,7 +29,7 @@ import csv
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,15 @@ from .data import (
     load_data,
     tokenize_dataset,
 )
-from .evaluation import Progress, evaluate_task, exact_match, exact_match_rows, mean_loss, phase_progress
+from .evaluation import (
+    Progress,
+    ProgressLog,
+    evaluate_task,
+    exact_match,
+    exact_match_rows,
+    mean_loss,
+    phase_progress,
+)
 from .lm_eval_bridge import run_lm_eval
 
 SUITES = ("task", "general_text", "humaneval", "mmlu", "gsm8k", "humaneval_exec")
@@ -444,49 +452,6 @@ def _work(name: str, data: Any, settings: dict[str, Any]) -> tuple[int, str]:
     return len(data), ""
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
-@dataclass
-class _Progress:
-    """``run_suites``' lines inside a suite: items done / total, rate and time left, at most one every
-    ``every`` seconds; and once, after the first batch of the first suite, a rough estimate of the
-    whole evaluation (``planned`` items, ``what`` in words; no estimate when ``planned`` is 0)."""
-
-    say: Callable[[str], Any]
-    label: str
-    every: float
-    planned: int
-    what: str
-
-    def suite(self, name: str) -> Progress:
-        start = last = time.perf_counter()
-
-        def report(done: int, total: int) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            took = max(now - start, 1e-9)
-            if self.planned:
-                self.say(
-                    f"  {self.label}first batch took {took:.1f} s ({done} items); estimated "
-                    f"~{_duration(took / done * self.planned)} for {self.what} ({self.planned} items; rough: "
-                    f"items differ in cost between suites, generating an answer costs most)"
-                )
-                self.planned = 0
-            if now - last >= self.every:
-                rate = done / took
-                self.say(
-                    f"  {self.label}{name}: {done}/{total} items, {rate:.3g} items/s, "
-                    f"~{_duration((total - done) / rate)} left"
-                )
-                last = now
-
-        return report
-
-
 def run_suites(
     model: nn.Module,
     tokenizer,
@@ -520,7 +485,7 @@ def run_suites(
     planned = estimate_runs * sum(items for items, _ in work.values())
     what = f"all {len(inputs)} suites" + (f" x {estimate_runs} runs" if estimate_runs > 1 else "")
     what += ", lm-eval tasks not counted" if settings.get("lm_eval_tasks") else ""
-    reporter = _Progress(log, label, progress_every, planned, what) if log else None
+    reporter = ProgressLog(log, label, progress_every, planned, what) if log else None
     say = log or (lambda line: None)
     out: dict[str, dict] = {}
     for k, (name, data) in enumerate(inputs.items(), 1):

@@ -31,7 +31,7 @@ from transformers.trainer_utils import sort_checkpoints
 from .callbacks import NonFiniteGuard, StepTimer
 from .card import CARD_FILE, write_card
 from .data import DataCollator, PreparedData, prepare_data
-from .evaluation import evaluate_task
+from .evaluation import ProgressLog, evaluate_task
 from .export import EXPORT_FILES, check_format
 from .hub import prepare_hub_repo, push_folder
 from .io import atomic_write_text
@@ -69,9 +69,15 @@ class TrainArguments(TrainingArguments):
 SMALL_HELD_OUT = 20  # fewer held-out rows than this: the before/after numbers say little
 
 
-def _metrics(model, tokenizer, data: PreparedData, eval_generate: int) -> dict[str, Any]:
-    """The held-out evaluation, the same as ``eval``'s task suite (``evaluation.evaluate_task``)."""
-    out = evaluate_task(model, tokenizer, data.eval_rows, tokenized=data.eval, generate=eval_generate)
+def _metrics(
+    model, tokenizer, data: PreparedData, eval_generate: int, say=None, progress_every: float = 10.0
+) -> dict[str, Any]:
+    """The held-out evaluation, the same as ``eval``'s task suite (``evaluation.evaluate_task``); ``say``
+    (None: silent) gets a progress line at most every ``progress_every`` seconds."""
+    progress = ProgressLog(say, "", progress_every, 0, "").suite("held-out") if say else None
+    out = evaluate_task(
+        model, tokenizer, data.eval_rows, tokenized=data.eval, generate=eval_generate, progress=progress
+    )
     out["eval_loss"] = out.pop("loss")
     return out
 
@@ -212,7 +218,8 @@ def train_job(
         training_args.output_dir, overwrite=run.overwrite_output_dir, resuming=bool(resume), create=False
     )
     main_process = _is_main_process(training_args)
-    say = log if main_process and not run.quiet else (lambda *a: None)
+    loud = log if main_process and not run.quiet else None  # progress lines go to log
+    say = loud or (lambda *a: None)
     hub_repo = None
     if training_args.push_to_hub:  # fail here, in seconds, rather than after the probe and the training
         hub_repo = prepare_hub_repo(training_args.hub_model_id, out, token=training_args.hub_token,
@@ -294,7 +301,7 @@ def train_job(
         + (f", greedy answers to {generated} questions" if generated else "")
         + " (--max_eval_samples / --eval_generate change how many) ...")  # fmt: skip
     started = time.perf_counter()
-    before = _metrics(peft_model, tokenizer, data, data_args.eval_generate)
+    before = _metrics(peft_model, tokenizer, data, data_args.eval_generate, loud)
     eval_seconds = time.perf_counter() - started
     say(f"evaluated in {eval_seconds:.0f} s")
     timer = StepTimer()
@@ -324,7 +331,8 @@ def train_job(
             else ""
         )
         raise KeyboardInterrupt(f"training interrupted.{hint}") from None
-    after = _metrics(peft_model, tokenizer, data, data_args.eval_generate)
+    say("evaluating after training ...")
+    after = _metrics(peft_model, tokenizer, data, data_args.eval_generate, loud)
 
     checkpoints = [
         {"folder": p.name, "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file())}
