@@ -532,8 +532,8 @@ def test_a_study_needs_exactly_one_task(ws, tmp_path):
 def test_target_arms_pick_by_this_machines_cost_model_and_every_arm_gets_an_equal_time_twin(ws, tmp_path):
     """``depth-aware@1.2x`` selects with the cost model calibrated here (kept for resume), and
     ``lora-all-equal-time`` gives every selection arm, not only ``top``, an all-layer run of its wall-clock."""
-    args = _seeded_args(ws, tmp_path / "s", arms=["top", "last", "depth-aware@1.2x", "lora-all-equal-time"],
-                        seeds=[0, 1], controls=1)  # fmt: skip
+    arms = ["top", "last", "depth-aware@1.2x", "lora-all-equal-time", "lora-all-equal-train-time"]
+    args = _seeded_args(ws, tmp_path / "s", arms=arms, seeds=[0, 1], controls=1)
     record = run_study(args, log=lambda *a: None)
     cost = CostModel(**record["machine_cost"])
     assert cost.unit == "s" and record["machine_cost"]["meta"]["calibration"]
@@ -544,15 +544,20 @@ def test_target_arms_pick_by_this_machines_cost_model_and_every_arm_gets_an_equa
     vs_all = record["answers"]["vs_all"]
     assert set(vs_all) == {"top", "last", "depth-aware@1.2x"}
     for name in vs_all:
-        twins = _runs(record, "lora-all-equal-time" if name == "top" else f"lora-all-equal-time:{name}")
         arms, alls = _runs(record, name), _runs(record, "lora-all")
-        for s in (0, 1):
-            timing = record["timing"]
-            wall = arms[s]["probe_seconds"] + 3 * _timed(timing, arms[s])
-            assert twins[s]["steps"] == max(1, min(math.floor(wall / _timed(timing, alls[s])), 6))
-            assert twins[s]["time_of"] == name and twins[s]["selected_layers"] == list(range(6))
-            expected = arms[s]["metrics"]["gsm8k_nll"] / twins[s]["metrics"]["gsm8k_nll"] - 1
-            assert vs_all[name]["equal_time"]["values"][str(s)] == pytest.approx(expected)
+        for kind, key, probed in (("lora-all-equal-time", "equal_time", True),
+                                  ("lora-all-equal-train-time", "equal_train_time", False)):  # fmt: skip
+            twins = _runs(
+                record, kind if (name, kind) == ("top", "lora-all-equal-time") else f"{kind}:{name}"
+            )
+            for s in (0, 1):
+                timing = record["timing"]
+                wall = arms[s]["probe_seconds"] * probed + 3 * _timed(timing, arms[s])
+                assert twins[s]["steps"] == max(1, min(math.floor(wall / _timed(timing, alls[s])), 6))
+                assert twins[s]["time_of"] == name and twins[s]["selected_layers"] == list(range(6))
+                expected = arms[s]["metrics"]["gsm8k_nll"] / twins[s]["metrics"]["gsm8k_nll"] - 1
+                assert vs_all[name][key]["values"][str(s)] == pytest.approx(expected)
+                assert vs_all[name][f"{key}_steps"][str(s)] == twins[s]["steps"]
     assert (
         "Against all-layer LoRA: equal steps and equal wall-clock"
         in Path(record["output_dir"], "study.md").read_text()

@@ -72,11 +72,14 @@ seed the arm and its controls share data order and initialisation):
 
 **Equal wall-clock.** Per seed, ``lora-all-equal-time`` gets as many all-layer steps as fit in that
 seed's ``top`` wall-clock (its probe included, at the measured step times), and
-``lora-all-equal-time:NAME`` as many as fit in arm NAME's (a twin whose step count equals an earlier
-all-layer run's of the same seed reuses that run: ``"same_as"``). ``answers["vs_all"]`` gives every
-selection arm's NLL against ``lora-all`` at equal steps and against its twin, per seed with mean and sd,
-beside its predicted and measured speedups; ``answers["top_vs_all"]`` is ``top``'s row, as before. The controls are compared at equal steps only: they skip the probe, so at equal
-steps they take at most the arm's wall-clock.
+``lora-all-equal-time:NAME`` as many as fit in arm NAME's; ``lora-all-equal-train-time:NAME`` as many
+as fit in arm NAME's training time alone. The probe is a fixed cost, large against the few steps a
+study trains and negligible against a real run's thousands: the two twins bracket it. A twin whose
+step count equals an earlier all-layer run's of the same seed reuses that run (``"same_as"``).
+``answers["vs_all"]`` gives every selection arm's NLL against ``lora-all`` at equal steps and against
+its twins, per seed with mean and sd, beside its predicted and measured speedups;
+``answers["top_vs_all"]`` is ``top``'s row, as before. The controls are compared at equal steps only:
+they skip the probe, so at equal steps they take at most the arm's wall-clock.
 
 **Resume.** ``study.json`` is rewritten after every run (arm, control, equal-time arm); ``--resume true``
 with the same result-changing settings keeps every finished (arm, seed) and (arm, seed, draw) as
@@ -145,6 +148,8 @@ FILES = ("study.json", "study.md", "study.png")
 DEFAULT_ARM = "top"
 BASELINE = "lora-all"
 EQUAL_TIME = "lora-all-equal-time"
+EQUAL_TRAIN_TIME = "lora-all-equal-train-time"
+TWINS = (EQUAL_TIME, EQUAL_TRAIN_TIME)  # all-layer LoRA in an arm's time: probe included, or training only
 PROBED = ("top", "depth-aware")  # the strategies that read the probe (and pay for it): they get controls
 
 
@@ -176,6 +181,7 @@ ARMS = {
         Arm("depth-aware-asym", "depth-aware", attention_r=16, mlp_r=64),
         Arm("lora-all-asym", None, attention_r=16, mlp_r=64),
         Arm(EQUAL_TIME, None),
+        Arm(EQUAL_TRAIN_TIME, None),
     )
 }
 TARGET_ARM = "depth-aware@"  # + "1.5x": depth-aware at a target speedup measured on this machine
@@ -187,19 +193,26 @@ def target_arm(target: float) -> str:
     return f"{TARGET_ARM}{target:g}x"
 
 
-def equal_time_name(of: str) -> str:
-    """The all-layer run that gets arm ``of``'s wall-clock: ``lora-all-equal-time`` for ``top`` (its name
-    in every study so far), ``lora-all-equal-time:last`` for another arm."""
-    return EQUAL_TIME if of == DEFAULT_ARM else f"{EQUAL_TIME}:{of}"
+def equal_time_name(of: str, kind: str = EQUAL_TIME) -> str:
+    """The all-layer run that gets arm ``of``'s time (``kind``: :data:`EQUAL_TIME`, its wall-clock with
+    the probe; :data:`EQUAL_TRAIN_TIME`, its training time only): ``lora-all-equal-time`` for ``top`` (its
+    name in every study so far), else ``KIND:NAME``, e.g. ``lora-all-equal-train-time:top``."""
+    return EQUAL_TIME if (of, kind) == (DEFAULT_ARM, EQUAL_TIME) else f"{kind}:{of}"
+
+
+def _twin_of(name: str) -> tuple[str, str] | None:
+    """``(kind, arm)`` of an equal-time twin's name, else None."""
+    kind, sep, of = name.partition(":")
+    return (kind, of) if sep and kind in TWINS else None
 
 
 def arm_named(name: str) -> Arm:
     """The arm called ``name``: one of :data:`ARMS`, a target arm (``depth-aware@1.5x``) or an equal-time
-    twin (``lora-all-equal-time:NAME``)."""
+    twin (``lora-all-equal-time:NAME``, ``lora-all-equal-train-time:NAME``)."""
     if name in ARMS:
         return ARMS[name]
-    if name.startswith(EQUAL_TIME + ":"):
-        arm_named(name[len(EQUAL_TIME) + 1 :])
+    if _twin_of(name):
+        arm_named(_twin_of(name)[1])
         return Arm(name, None)
     match = re.fullmatch(re.escape(TARGET_ARM) + r"(\d+(?:\.\d+)?)x", name)
     if match and float(match[1]) > 1:
@@ -211,20 +224,21 @@ def arm_named(name: str) -> Arm:
 
 
 def is_equal_time(name: str) -> bool:
-    """Whether ``name`` is an all-layer run timed to another arm's wall-clock."""
-    return name == EQUAL_TIME or name.startswith(EQUAL_TIME + ":")
+    """Whether ``name`` is an all-layer run timed to another arm's time."""
+    return name in TWINS or _twin_of(name) is not None
 
 
 def arm_order(name: str) -> tuple:
     """Sort key of arm names: :data:`ARMS`' order, then target arms by target, then equal-time twins."""
     if name in ARMS:
         return (0, list(ARMS).index(name), 0.0, "")
-    if name.startswith(EQUAL_TIME + ":"):
-        return (2, *arm_order(name[len(EQUAL_TIME) + 1 :])[1:])
+    if _twin_of(name):
+        kind, of = _twin_of(name)
+        return (2 + TWINS.index(kind), *arm_order(of)[1:])
     try:
         return (1, 0, arm_named(name).target_speedup or 0.0, name)
     except ValueError:  # an arm this version does not know: last
-        return (3, 0, 0.0, name)
+        return (9, 0, 0.0, name)
 
 
 @dataclass(kw_only=True)
@@ -264,7 +278,8 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
         metadata={"help": f"Arms to run (lora-all always runs): {', '.join(ARMS)}, or {TARGET_ARM}TARGETx "
                   f"(e.g. {target_arm(1.5)}: depth-aware at that speedup, predicted by a cost model "
                   f"calibrated on this machine at the study's batch shape). {EQUAL_TIME} gives every "
-                  f"selection arm an all-layer twin trained for the arm's wall-clock."},
+                  f"selection arm an all-layer twin trained for the arm's wall-clock, probe included; "
+                  f"{EQUAL_TRAIN_TIME} one for its training time alone (a long run's limit)."},
     )  # fmt: skip
     steps: int = field(default=48, metadata={"help": "Optimizer steps per arm."})
     batch_size: int = field(default=4, metadata={"help": "Examples per step."})
@@ -317,13 +332,13 @@ class StudyArguments(ModelSettings, BudgetSettings, OutputDirSettings):
         if isinstance(self.arms, str):
             self.arms = [self.arms]
         for name in self.arms:
-            if name.startswith(EQUAL_TIME + ":"):
+            if _twin_of(name):
                 raise ValueError(
-                    f"arms has {name!r}; ask for {EQUAL_TIME} instead: it gives every selection arm its "
-                    f"equal-time twin."
+                    f"arms has {name!r}; ask for {_twin_of(name)[0]} instead: it gives every selection arm "
+                    f"its equal-time twin."
                 )
             arm_named(name)
-        wanted = {BASELINE, *self.arms} | ({DEFAULT_ARM} if EQUAL_TIME in self.arms else set())
+        wanted = {BASELINE, *self.arms} | ({DEFAULT_ARM} if set(TWINS) & set(self.arms) else set())
         self.arms = sorted(wanted, key=arm_order)  # fixed order: the baseline and default come first
         at_least(
             self,
@@ -855,7 +870,7 @@ def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
     all-layer LoRA at equal steps and at equal wall-clock, per seed with mean and sd."""
     out: dict[str, Any] = {"vs_matched_random": {}, "probe_stability": probe_stability(record)}
     for name in _by_arm(record["arms"]):
-        if arm_order(name)[0] != 3 and arm_named(name).strategy in PROBED:
+        if arm_order(name)[0] != 9 and arm_named(name).strategy in PROBED:
             comparison = matched_comparison(record, name)
             if comparison is not None:
                 out["vs_matched_random"][name] = comparison
@@ -867,14 +882,16 @@ def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
 
     out["vs_all"] = {}
     for name, group in _by_arm(record["arms"]).items():
-        if arm_order(name)[0] == 3 or arm_named(name).strategy is None:
+        if arm_order(name)[0] == 9 or arm_named(name).strategy is None:
             continue
-        twin = equal_time_name(name)
+        twin, train_twin = equal_time_name(name), equal_time_name(name, EQUAL_TRAIN_TIME)
         out["vs_all"][name] = {
             "layers": {str(a["seed"]): a["selected_layers"] for a in group},
             "equal_steps": _seed_values(group, versus(BASELINE)),
             "equal_time": _seed_values(group, versus(twin)),
             "equal_time_steps": {str(s): a["steps"] for (n, s), a in runs.items() if n == twin},
+            "equal_train_time": _seed_values(group, versus(train_twin)),
+            "equal_train_time_steps": {str(s): a["steps"] for (n, s), a in runs.items() if n == train_twin},
             "measured_speedup": _seed_values(group, lambda a: a.get("measured_speedup")),
             "predicted_speedup": _seed_values(group, lambda a: a.get("predicted_speedup")),
             "machine_predicted_speedup": _seed_values(group, lambda a: a.get("machine_predicted_speedup")),
@@ -1108,9 +1125,9 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
 
     for seed in seeds:
         for name in args.arms:
-            if name != EQUAL_TIME and run(name, seed) is None:
+            if name not in TWINS and run(name, seed) is None:
                 train(name, seed, orders[seed][: args.steps])
-            elif name != EQUAL_TIME:
+            elif name not in TWINS:
                 say(f"{name} (seed {seed}): kept from the earlier run")
         for name in args.arms:
             parent = run(name, seed)
@@ -1136,15 +1153,16 @@ def run_study(args: StudyArguments, *, log=print, command: list[str] | None = No
         say(f"timing {len(needed)} selections side by side ...")
         record["timing"] = time_arms(base, tokenizer, trained, rows, orders[seeds[0]], args, say)
         write()
-    if EQUAL_TIME in args.arms:
+    for kind in (k for k in TWINS if k in args.arms):
         for seed in seeds:
             for name in args.arms:
-                twin = equal_time_name(name)
+                twin = equal_time_name(name, kind)
                 if arm_named(name).strategy is None or run(twin, seed) is not None:
                     continue  # all-layer arms need no twin
-                # as many all-layer steps as fit in the arm's wall-clock, probe included
+                # as many all-layer steps as fit in the arm's wall-clock (probe included) or training time
                 arm, all_layers = run(name, seed), run(BASELINE, seed)
-                wall = arm["probe_seconds"] + args.steps * _step_seconds(record, arm)
+                probe = arm["probe_seconds"] if kind == EQUAL_TIME else 0.0
+                wall = probe + args.steps * _step_seconds(record, arm)
                 steps = max(1, min(math.floor(wall / _step_seconds(record, all_layers)), len(orders[seed])))
                 same = next((a for a in record["arms"] if a["seed"] == seed and a["steps"] == steps
                              and (a["arm"] == BASELINE or is_equal_time(a["arm"])) and "same_as" not in a),
@@ -1304,22 +1322,28 @@ def controls_table(record: dict[str, Any]) -> str:
     return render_table(head, rows) + "\n"
 
 
+def _step_range(steps: dict[str, int]) -> str:
+    values = sorted(set(steps.values()))
+    return "-".join(map(str, values[:: max(1, len(values) - 1)]))
+
+
 def vs_all_table(record: dict[str, Any]) -> str:
-    """Each selection arm against all-layer LoRA at equal steps and at equal wall-clock
-    (``answers["vs_all"]``), with its predicted and measured step speedups."""
+    """Each selection arm against all-layer LoRA at equal steps, at equal wall-clock (probe included) and at
+    equal training time (``answers["vs_all"]``), with its predicted and measured step speedups."""
     rows = []
     for name, v in ((record.get("answers") or seed_answers(record)).get("vs_all") or {}).items():
         layers = {_layers(x) for x in v["layers"].values()}
-        steps = sorted(set(v["equal_time_steps"].values()))
         rows.append([
             f"**{name}**" if name == DEFAULT_ARM else name,
             next(iter(layers)) if len(layers) == 1 else "; ".join(f"{s}: {_layers(x)}" for s, x in v["layers"].items()),
             _mean_sd(v["predicted_speedup"], ".2f"), _mean_sd(v["machine_predicted_speedup"], ".2f"),
             _mean_sd(v["measured_speedup"], ".2f"), _mean_sd(v["equal_steps"], "+.1%"),
-            _mean_sd(v["equal_time"], "+.1%"), "-".join(map(str, steps[:: max(1, len(steps) - 1)])),
+            _mean_sd(v["equal_time"], "+.1%"), _step_range(v["equal_time_steps"]),
+            _mean_sd(v.get("equal_train_time") or {}, "+.1%"), _step_range(v.get("equal_train_time_steps") or {}),
         ])  # fmt: skip
     head = ["arm", "layers", "predicted (FLOPs, H200)", "predicted (this machine)", "measured speedup",
-            "NLL vs all-layer, equal steps", "NLL vs all-layer, equal wall-clock", "all-layer steps in that time"]  # fmt: skip
+            "vs all-layer, equal steps", "vs all-layer, equal wall-clock (probe included)", "all-layer steps",
+            "vs all-layer, equal training time", "all-layer steps"]  # fmt: skip
     return render_table(head, rows) + "\n"
 
 
@@ -1538,8 +1562,10 @@ def markdown_report(record: dict[str, Any]) -> str:
             "## Against all-layer LoRA: equal steps and equal wall-clock",
             "",
             "Test NLL of each selection arm relative to all-layer LoRA of the same seed (negative: the arm is "
-            "better), mean ± sd over seeds: at the same number of steps, and against all-layer LoRA trained for "
-            "as many steps as fit in the arm's wall-clock (its probe included; `lora-all-equal-time*` runs). "
+            "better), mean ± sd over seeds: at the same number of steps; against all-layer LoRA trained for "
+            "as many steps as fit in the arm's wall-clock, its probe included (`lora-all-equal-time*` runs); "
+            "and in the arm's training time alone (`lora-all-equal-train-time:*`: what a long run, where the "
+            "probe's seconds vanish, would see). "
             "Speedups: predicted by the FLOP model with H200 factors, by the cost model calibrated on this "
             "machine (when a target arm ran), and measured side by side.",
             "",
