@@ -66,6 +66,7 @@ def study_cell(record: dict[str, Any]) -> dict[str, Any]:
         "arms": {},
         "vs_matched_random": {},
         "top_vs_all": answers.get("top_vs_all"),
+        "vs_all": answers.get("vs_all") or {},  # every selection arm: equal steps, wall-clock, training time
         "probe_stability": {k: v.get("mean") for k, v in (answers.get("probe_stability") or {}).items()},
     }
     for name, runs in arms.items():
@@ -143,6 +144,29 @@ def markdown(cells: dict[str, dict[str, Any]]) -> str:
         render_table(head, rows),
         "",
     ]
+    head = ["cell", "arm", "lowest block", "predicted (this machine)", "measured", "equal steps",
+            "equal wall-clock (probe incl.)", "equal training time"]  # fmt: skip
+    rows = []
+    for name, cell in cells.items():
+        for arm, v in ((cell.get("study") or {}).get("vs_all") or {}).items():
+            lowest = sorted({min(x) for x in v["layers"].values()})
+            rows.append([
+                name, arm, ",".join(map(str, lowest)), _ms(v.get("machine_predicted_speedup"), ".2f"),
+                _ms(v.get("measured_speedup"), ".2f"), _ms(v.get("equal_steps"), "+.1%"),
+                _ms(v.get("equal_time"), "+.1%"), _ms(v.get("equal_train_time"), "+.1%"),
+            ])  # fmt: skip
+    if rows:
+        lines += [
+            "## What each cut buys: against all-layer LoRA at equal steps and equal time (study)",
+            "",
+            "Test NLL relative to all-layer LoRA of the same seed, mean ± sd over seeds (negative: the "
+            "selection is better): at equal steps; against all-layer LoRA given the selection's wall-clock, "
+            "probe included; and given its training time alone. Speedups: the cost model calibrated on this "
+            "machine (target arms' runs only) and measured side by side.",
+            "",
+            render_table(head, rows),
+            "",
+        ]
     return "\n".join(lines)
 
 
