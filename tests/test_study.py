@@ -575,3 +575,20 @@ def test_arm_names_are_checked_before_loading_a_model(ws, tmp_path):
         _args(ws, tmp_path / "x", arms=["lora-all-equal-time:last"])
     with pytest.raises(ValueError, match=r"depth-aware@40x is out of reach.*lower target"):
         run_study(_seeded_args(ws, tmp_path / "y", arms=["depth-aware@40x"]), log=lambda *a: None)
+
+
+def test_the_plot_shows_equal_time_twins_in_their_own_panel(ws, tmp_path):
+    """With twins, study.png gets a middle panel of each arm against all-layer LoRA, and the twins do not
+    crowd the speedup panel (three axes, not two; the twins' names only on the middle one)."""
+    from matplotlib import pyplot
+
+    from aletheia_lora.study import study_figure
+
+    record = run_study(_seeded_args(ws, tmp_path / "p", arms=["top", "lora-all-equal-train-time"], seeds=[0]),
+                       log=lambda *a: None)  # fmt: skip
+    fig = study_figure(record)
+    left, middle, right = fig.axes[:3]
+    assert not any("equal" in t.get_text() for t in left.texts)
+    assert [t.get_text() for t in middle.get_yticklabels()] == ["top"]
+    assert {t.get_text() for t in middle.get_legend().get_texts()} >= {"equal steps", "equal training time"}
+    pyplot.close(fig)

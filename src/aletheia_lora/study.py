@@ -1588,14 +1588,38 @@ def markdown_report(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_study(record: dict[str, Any], path: str | Path) -> None:
+def _plot_vs_all(ax, vs_all: dict[str, dict]) -> None:
+    """Grouped bars: each selection arm's test NLL relative to all-layer LoRA (mean ± sd over seeds) at
+    equal steps, equal wall-clock (probe included) and equal training time."""
+    kinds = (("equal_steps", "equal steps"), ("equal_time", "equal wall-clock (probe incl.)"),
+             ("equal_train_time", "equal training time"))  # fmt: skip
+    names = list(vs_all)
+    height = 0.8 / len(kinds)
+    for j, (key, label) in enumerate(kinds):
+        stats = [vs_all[n].get(key) or {} for n in names]
+        values = [100 * x["mean"] if x.get("n") else 0.0 for x in stats]
+        errors = [100 * x["sd"] if x.get("sd") is not None else 0.0 for x in stats]
+        ax.barh([i + j * height for i in range(len(names))], values, height=height, xerr=errors, capsize=2,
+                label=label, color=f"C{j}")  # fmt: skip
+    ax.set_yticks([i + height for i in range(len(names))], names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("test NLL vs all-layer LoRA, % (negative: the selection is better)")
+    ax.legend(fontsize=7, loc="best", title="mean ± sd over seeds", title_fontsize=7)
+    ax.grid(alpha=0.3, axis="x")
+
+
+def study_figure(record: dict[str, Any]):
     """Left: the task's test NLL against measured speedup, one point per arm (the mean over seeds, with the sd
-    as an error bar), and each arm's controls in grey at the arm's speedup. Right: forgetting deltas (mean
-    over seeds)."""
-    means = [_mean_entry(runs) for runs in _by_arm(record["arms"]).values()]
+    as an error bar), and each arm's controls in grey at the arm's speedup. Middle, when equal-time twins
+    ran: each selection arm against all-layer LoRA at equal steps, wall-clock and training time. Right:
+    forgetting deltas (mean over seeds). Equal-time twins appear only in the middle panel."""
+    means = [_mean_entry(runs) for name, runs in _by_arm(record["arms"]).items() if not is_equal_time(name)]
     across = record.get("across_seeds") or across_seeds(record)
-    fig = new_figure((11, 4.5))
-    left, right = fig.subplots(1, 2)
+    vs_all = (record.get("answers") or {}).get("vs_all") or {}
+    timed = any(v.get(k, {}).get("n") for v in vs_all.values() for k in ("equal_time", "equal_train_time"))
+    fig = new_figure((16, 4.8) if timed else (11, 4.5))
+    left, *middle, right = fig.subplots(1, 3 if timed else 2)
     for a in means:
         key = task_metric(a["metrics"])
         if key is None:
@@ -1618,6 +1642,8 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     )
     left.grid(alpha=0.3)
     keys = [k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in means)]
+    if timed:
+        _plot_vs_all(middle[0], vs_all)
     names = [a["arm"] for a in means]
     height = 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
@@ -1626,7 +1652,7 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     right.set_yticks([i + height * (len(keys) - 1) / 2 for i in range(len(names))], names, fontsize=7)
     right.invert_yaxis()
     right.axvline(0, color="k", lw=0.8)
-    right.set_xlabel("forgetting: NLL change against the base model (lower is better)")
+    right.set_xlabel("forgetting: NLL Δ against the base model\n(lower is better)")
     if keys:
         right.legend(fontsize=7)
     else:  # no forgetting suite ran (e.g. --text_windows 0 --humaneval_limit 0): say so, not an empty frame
@@ -1638,7 +1664,12 @@ def plot_study(record: dict[str, Any], path: str | Path) -> None:
     fig.suptitle(
         f"Layer-selection study: {Path(str(record['model'])).name}, {_task_name(record)}", fontsize=10
     )
-    save_png(fig, path)
+    return fig
+
+
+def plot_study(record: dict[str, Any], path: str | Path) -> None:
+    """:func:`study_figure`, written to ``path`` as PNG."""
+    save_png(study_figure(record), path)
 
 
 __all__ = [
