@@ -163,7 +163,7 @@ class Arm:
     seed: int = 0
     attention_r: int | None = None
     mlp_r: int | None = None
-    target_speedup: float | None = None  # depth-aware at this speedup, predicted by the machine's cost model
+    target: float | None = None  # depth-aware at this target speedup, predicted by the machine's cost model
 
 
 ARMS = {
@@ -216,7 +216,7 @@ def arm_named(name: str) -> Arm:
         return Arm(name, None)
     match = re.fullmatch(re.escape(TARGET_ARM) + r"(\d+(?:\.\d+)?)x", name)
     if match and float(match[1]) > 1:
-        return Arm(name, "depth-aware", target_speedup=float(match[1]))
+        return Arm(name, "depth-aware", target=float(match[1]))
     raise ValueError(
         f"unknown arm {name!r}; choose from {list(ARMS)}, or {TARGET_ARM}TARGETx for depth-aware at a target "
         f"speedup over all-layer LoRA on this machine (e.g. {target_arm(1.5)})."
@@ -236,7 +236,7 @@ def arm_order(name: str) -> tuple:
         kind, of = _twin_of(name)
         return (2 + TWINS.index(kind), *arm_order(of)[1:])
     try:
-        return (1, 0, arm_named(name).target_speedup or 0.0, name)
+        return (1, 0, arm_named(name).target or 0.0, name)
     except ValueError:  # an arm this version does not know: last
         return (9, 0, 0.0, name)
 
@@ -564,7 +564,7 @@ def _config(arm: Arm, args: StudyArguments, seed: int) -> AletheiaConfig:
     return AletheiaConfig(
         top_pct=args.top_pct,
         top_k=args.top_k,
-        target_speedup=arm.target_speedup or (args.target_speedup if strategy == "depth-aware" else None),
+        target_speedup=arm.target or (args.target_speedup if strategy == "depth-aware" else None),
         strategy=strategy,
         probe_params=arm.probe_params,
         probe_batches=args.probe_batches,
@@ -634,9 +634,7 @@ def run_arm(
     if arm.strategy is None:
         selected = list(range(find_blocks(model).num_layers))
     else:
-        selected = select(
-            scores, config, model=model, seed=arm.seed, cost=cost if arm.target_speedup else None
-        )
+        selected = select(scores, config, model=model, seed=arm.seed, cost=cost if arm.target else None)
     probed = arm.strategy in PROBED  # the arms that pay for the probe
     if not probed:  # nor do they continue a contribution warm-up: they start from LoRA's initialisation
         scores = LayerScores(scores, meta=scores.meta, signals=scores.signals)
@@ -1021,7 +1019,7 @@ def target_cost(
     step times measured on this machine at the study's batch (``batch_size`` x ``max_length`` tokens,
     uniform r), once per study (kept in ``record["machine_cost"]`` for ``--resume``). None without target
     arms. A target no selection reaches is refused before any training."""
-    targets = [arm_named(name).target_speedup for name in args.arms if arm_named(name).target_speedup]
+    targets = [arm_named(name).target for name in args.arms if arm_named(name).target]
     if not targets:
         return None
     if record.get("machine_cost") is None:
