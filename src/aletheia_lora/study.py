@@ -228,6 +228,14 @@ def is_equal_time(name: str) -> bool:
     return name in TWINS or _twin_of(name) is not None
 
 
+def _strategy(name: str) -> str | None:
+    """The strategy of arm ``name``; ``"unknown"`` for a name this version does not know (an old record)."""
+    try:
+        return arm_named(name).strategy
+    except ValueError:
+        return "unknown"
+
+
 def arm_order(name: str) -> tuple:
     """Sort key of arm names: :data:`ARMS`' order, then target arms by target, then equal-time twins."""
     if name in ARMS:
@@ -868,7 +876,7 @@ def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
     all-layer LoRA at equal steps and at equal wall-clock, per seed with mean and sd."""
     out: dict[str, Any] = {"vs_matched_random": {}, "probe_stability": probe_stability(record)}
     for name in _by_arm(record["arms"]):
-        if arm_order(name)[0] != 9 and arm_named(name).strategy in PROBED:
+        if _strategy(name) in PROBED:
             comparison = matched_comparison(record, name)
             if comparison is not None:
                 out["vs_matched_random"][name] = comparison
@@ -880,7 +888,7 @@ def seed_answers(record: dict[str, Any]) -> dict[str, Any]:
 
     out["vs_all"] = {}
     for name, group in _by_arm(record["arms"]).items():
-        if arm_order(name)[0] == 9 or arm_named(name).strategy is None:
+        if _strategy(name) in (None, "unknown"):
             continue
         twin, train_twin = equal_time_name(name), equal_time_name(name, EQUAL_TRAIN_TIME)
         out["vs_all"][name] = {
