@@ -17,6 +17,7 @@ from conftest import WORDS, qa_rows, tiny_model, write_jsonl
 
 from aletheia_lora import suites as F
 from aletheia_lora.cli import main
+from aletheia_lora.evaluation import ProgressLog
 
 EXTRA = (
     "A B C D Answer Question : . , ? #### The following are multiple choice questions ( with answers ) about"
@@ -296,7 +297,7 @@ def _suite_inputs(ws: Path) -> tuple[dict, dict]:
     return inputs, {"max_length": 32, "batch_size": 2, "max_new_tokens": 3, "gsm8k_generate": True}
 
 
-def test_run_suites_reports_progress_inside_each_suite_and_one_estimate(ws):
+def test_run_suites_reports_progress_inside_each_suite_and_an_estimate_per_kind_of_work(ws):
     model, tokenizer = _load(ws)
     inputs, settings = _suite_inputs(ws)
     lines: list[str] = []
@@ -310,10 +311,39 @@ def test_run_suites_reports_progress_inside_each_suite_and_one_estimate(ws):
         done = [d for d, _ in counts]
         assert done == sorted(set(done)) and done[-1] == total and {t for _, t in counts} == {total}, name
         assert len(done) > 1, name  # batches of 2: more than one line per suite
-    estimates = [line for line in lines if "first batch took" in line]
-    assert len(estimates) == 1 and lines.index(estimates[0]) == 1  # after the first batch of the first suite
-    assert re.match(r"  adapter: first batch took [\d.]+ s \(2 items\); estimated ~\d+ s for all 5 suites "
-                    r"\(25 items; rough: ", estimates[0])  # fmt: skip
+    estimates = [line for line in lines if "estimated ~" in line]
+    # after the first batch of the first suite (scoring), then after the first batch of answers (task's)
+    assert len(estimates) == 2 and lines.index(estimates[0]) == 1
+    assert re.match(r"  adapter: first batch took [\d.]+ s \(2 items\); estimated ~\d+ s for scoring 17 items "
+                    r"of all 5 suites; generating 8 answers is timed after its first batch", estimates[0])  # fmt: skip
+    assert re.match(r"  adapter: first generating batch took [\d.]+ s \(5 items\); estimated ~\d+ s for all 5 "
+                    r"suites \(25 items; rough\)", estimates[1])  # fmt: skip
+    task_done = next(i for i, line in enumerate(lines) if line.startswith("  adapter: task: done"))
+    assert lines.index(estimates[1]) < task_done
+
+
+def test_progress_estimate_weighs_generated_answers_by_their_own_first_batch():
+    # a scripted clock: scoring takes 0.1 s an item, generating 2 s an answer
+    now = [0.0]
+    lines: list[str] = []
+    log = ProgressLog(lines.append, "", every=1e9, scored=100, what="all 2 suites", generated=30,
+                        clock=lambda: now[0])  # fmt: skip
+    task = log.suite("task", scored_items=10)
+    for done in (5, 10):
+        now[0] += 0.5
+        task(done, 15)
+    assert lines == ["  first batch took 0.5 s (5 items); estimated ~10 s for scoring 100 items of all 2 suites; "
+                     "generating 30 answers is timed after its first batch (it costs more per item)"]  # fmt: skip
+    now[0] += 10.0
+    task(15, 15)  # 5 answers in 10 s
+    assert (
+        lines[1]
+        == "  first generating batch took 10.0 s (5 items); estimated ~70 s for all 2 suites (130 items; rough)"
+    )
+    other = log.suite("text")
+    now[0] += 99.0
+    other(90, 90)
+    assert len(lines) == 2  # one estimate per kind of work
 
 
 def test_run_suites_progress_is_throttled_and_silent_when_quiet(ws, capsys):
@@ -322,8 +352,9 @@ def test_run_suites_progress_is_throttled_and_silent_when_quiet(ws, capsys):
     lines: list[str] = []
     logged = F.run_suites(model, tokenizer, inputs, settings, log=lines.append, estimate_runs=2)
     # a fast run gives no progress lines at the default throttle (one line per 10 s), just start and end
-    assert len(lines) == 2 * 5 + 1 and not [line for line in lines if "/s, ~" in line]
-    assert "for all 5 suites x 2 runs (50 items" in lines[1]
+    assert len(lines) == 2 * 5 + 2 and not [line for line in lines if "/s, ~" in line]
+    assert "for scoring 34 items of all 5 suites x 2 runs; generating 16 answers" in lines[1]
+    assert "for all 5 suites x 2 runs (50 items" in lines[2]
     lines.clear()
     F.run_suites(model, tokenizer, inputs, settings, log=lines.append, estimate_runs=0)
     assert len(lines) == 2 * 5 and not [line for line in lines if "estimated" in line]

@@ -45,32 +45,61 @@ def duration(seconds: float) -> str:
 @dataclass
 class ProgressLog:
     """Progress lines of an evaluation (``suites.run_suites``, ``train``'s before/after): inside each
-    suite, items done / total, rate and time left, at most one line every ``every`` seconds; and once,
-    after the first batch of the first suite, a rough estimate of the whole evaluation (``planned``
-    items, ``what`` in words; no estimate when ``planned`` is 0)."""
+    suite, items done / total, rate and time left, at most one line every ``every`` seconds; and an
+    estimate of the whole evaluation (``what`` in words) from the first batch of each kind of work:
+    ``scored`` items scored (one forward pass each) and ``generated`` answers generated (a forward
+    pass per new token, often ten times the cost of scoring). The first estimate comes after the
+    first batch; where both kinds are planned, a second one after the first batch of the other kind.
+    No estimate when nothing is planned. ``clock``: seconds, for tests."""
 
     say: Callable[[str], Any]
     label: str
     every: float
-    planned: int
+    scored: int
     what: str
+    generated: int = 0
+    clock: Callable[[], float] = time.perf_counter
 
-    def suite(self, name: str) -> Progress:
-        start = last = time.perf_counter()
+    def __post_init__(self) -> None:
+        self._seconds_per_item: dict[str, float] = {}  # "scored" / "generated" -> first batch's rate
+
+    def _estimate(self, kind: str, took: float, items: int) -> None:
+        if kind in self._seconds_per_item or not (self.scored if kind == "scored" else self.generated):
+            return
+        self._seconds_per_item[kind] = took / max(items, 1)
+        first = (
+            "first batch"
+            if len(self._seconds_per_item) == 1
+            else {"scored": "first scoring batch", "generated": "first generating batch"}[kind]
+        )
+        rates = self._seconds_per_item
+        known = {"scored": self.scored, "generated": self.generated}
+        seconds = sum(n * rates[k] for k, n in known.items() if k in rates)
+        unknown = {k: n for k, n in known.items() if n and k not in rates}
+        line = f"  {self.label}{first} took {took:.1f} s ({items} items); estimated ~{duration(seconds)} for "
+        if unknown:
+            work = {"scored": "scoring {} items", "generated": "generating {} answers"}
+            (other, n), done = next(iter(unknown.items())), next(iter(rates))
+            line += (f"{work[done].format(known[done])} of {self.what}; {work[other].format(n)} is timed after "
+                     f"its first batch{' (it costs more per item)' if other == 'generated' else ''}")  # fmt: skip
+        else:
+            line += f"{self.what} ({self.scored + self.generated} items; rough)"
+        self.say(line)
+
+    def suite(self, name: str, scored_items: int | None = None) -> Progress:
+        """Progress of one suite: its first ``scored_items`` items are scored, the rest generated
+        (``None``: all scored)."""
+        start = last = batch_start = self.clock()
+        previous = 0
 
         def report(done: int, total: int) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            took = max(now - start, 1e-9)
-            if self.planned:
-                self.say(
-                    f"  {self.label}first batch took {took:.1f} s ({done} items); estimated "
-                    f"~{duration(took / done * self.planned)} for {self.what} ({self.planned} items; rough: "
-                    f"items differ in cost between suites, generating an answer costs most)"
-                )
-                self.planned = 0
+            nonlocal last, batch_start, previous
+            now = self.clock()
+            kind = "scored" if scored_items is None or done <= scored_items else "generated"
+            self._estimate(kind, now - batch_start, done - previous)
+            batch_start, previous = now, done
             if now - last >= self.every:
-                rate = done / took
+                rate = done / max(now - start, 1e-9)
                 self.say(
                     f"  {self.label}{name}: {done}/{total} items, {rate:.3g} items/s, "
                     f"~{duration((total - done) / rate)} left"

@@ -438,18 +438,19 @@ def prepare_inputs(suites: Sequence[str], settings: dict[str, Any]) -> dict[str,
     return inputs
 
 
-def _work(name: str, data: Any, settings: dict[str, Any]) -> tuple[int, str]:
-    """Items a suite's progress counts to, and what they are when they are not simply its data items."""
+def _work(name: str, data: Any, settings: dict[str, Any]) -> tuple[int, int, str]:
+    """Items a suite scores, then answers it generates (progress counts both, in that order), and what
+    they are when they are not simply its data items."""
     if name == "task":
         generated = len(exact_match_rows(data.rows, data.generate))
         scored = f"{len(data.rows)} rows scored"
-        return len(data.rows) + generated, f"{scored} + {generated} answers generated" if generated else ""
+        return len(data.rows), generated, f"{scored} + {generated} answers generated" if generated else ""
     if name == "gsm8k" and settings.get("gsm8k_generate"):
-        return 2 * len(data), f"{len(data)} answers scored + {len(data)} generated"
+        return len(data), len(data), f"{len(data)} answers scored + {len(data)} generated"
     samples = settings.get("humaneval_samples", 1)
-    if name == "humaneval_exec" and samples > 1:
-        return len(data) * samples, f"{len(data)} problems x {samples} completions"
-    return len(data), ""
+    if name == "humaneval_exec":
+        return 0, len(data) * samples, f"{len(data)} problems x {samples} completions" if samples > 1 else ""
+    return len(data), 0, ""
 
 
 def run_suites(
@@ -482,15 +483,16 @@ def run_suites(
         )
         inputs = {**inputs, "general_text": windows}
     work = {name: _work(name, data, settings) for name, data in inputs.items()}
-    planned = estimate_runs * sum(items for items, _ in work.values())
+    scored, generated = (estimate_runs * sum(w[k] for w in work.values()) for k in (0, 1))
     what = f"all {len(inputs)} suites" + (f" x {estimate_runs} runs" if estimate_runs > 1 else "")
     what += ", lm-eval tasks not counted" if settings.get("lm_eval_tasks") else ""
-    reporter = ProgressLog(log, label, progress_every, planned, what) if log else None
+    reporter = ProgressLog(log, label, progress_every, scored, what, generated) if log else None
     say = log or (lambda line: None)
     out: dict[str, dict] = {}
     for k, (name, data) in enumerate(inputs.items(), 1):
-        (items, detail), start = work[name], time.perf_counter()
-        progress = reporter.suite(name) if reporter else None
+        (items_scored, items_generated, detail), start = work[name], time.perf_counter()
+        items = items_scored + items_generated
+        progress = reporter.suite(name, items_scored) if reporter else None
         say(f"  {label}{name} ({k}/{len(inputs)}): {items} items{f' ({detail})' if detail else ''} ...")
         if name == "task":
             out[name] = task_suite(model, tokenizer, data, batch_size=batch_size, progress=progress)
