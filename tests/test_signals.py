@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import expected_probed_names, tiny_model, token_rows
+from safetensors.torch import load_file
 from torch import nn
 
 from aletheia_lora import LayerScores, find_blocks, gradient_probe, select_layers
@@ -205,6 +207,16 @@ def test_energy_routes_against_svd(n, d_in, d_out, reuse):
     for r in range(1, k + 1):
         expected = values[:r].square().sum().item()
         assert math.isclose(_lora_energy_sq(x, grad, r, **formed), expected, rel_tol=1e-5), r
+
+
+def test_energy_of_a_tiny_rank_deficient_gradient_is_finite():
+    # One probe batch of a tiny Llama (17 tokens, 32 wide, entries of G ~1e-4, one padding row): MKL's
+    # fp32 eigensolver returned NaN on its token-space matrix on an Intel Xeon. Scaled first, it does not.
+    tensors = load_file(Path(__file__).parent / "data" / "tiny_gradient_mkl_nan.safetensors")
+    x, grad = tensors["x"], tensors["g"]
+    expected = torch.linalg.svdvals((grad.T @ x).double())[:16].square().sum().item()
+    assert math.isclose(_lora_energy_sq(x, grad, 16), expected, rel_tol=1e-4)
+    assert _lora_energy_sq(x, torch.zeros_like(grad), 16) == 0.0
 
 
 def test_ranks_by_role_and_as_a_callable():

@@ -402,11 +402,25 @@ def _lora_energy_sq(x: torch.Tensor, g: torch.Tensor, r: int, grams=None, m=None
             rr, other = torch.linalg.qr(x.T, mode="r")[1], (grams[1] if grams is not None else g @ g.T)
         else:
             rr, other = torch.linalg.qr(g.T, mode="r")[1], (grams[0] if grams is not None else x @ x.T)
-        eig = torch.linalg.eigvalsh(rr @ other @ rr.T)
-    else:
-        m = m if m is not None else g.T @ x
-        eig = torch.linalg.eigvalsh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m)
-    return eig.flip(0)[:r].clamp_min(0).double().sum().item()
+        return _top_eigenvalue_sum(rr @ other @ rr.T, r)
+    m = m if m is not None else g.T @ x
+    return _top_eigenvalue_sum(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m, r)
+
+
+def _top_eigenvalue_sum(a: torch.Tensor, r: int) -> float:
+    """The sum of the ``r`` largest eigenvalues of the symmetric positive semi-definite ``a``.
+
+    Solved on ``a`` scaled to a largest diagonal entry of 1: on a rank-deficient matrix of tiny
+    entries (a gradient of ~1e-5), MKL's fp32 eigensolver has returned NaN for eigenvalues that
+    are finite (seen on an Intel Xeon with torch 2.13). Should a value still be non-finite, the
+    solve is repeated in fp64."""
+    scale = a.diagonal().max()
+    if not scale > 0:  # a PSD matrix with a zero diagonal is zero
+        return 0.0
+    eig = torch.linalg.eigvalsh(a / scale)
+    if not torch.isfinite(eig).all():
+        eig = torch.linalg.eigvalsh(a.double() / scale)
+    return (eig.flip(0)[:r].clamp_min(0).double().sum() * scale.double()).item()
 
 
 def _gradient_energy_sq(grad: torch.Tensor, r: int) -> float:
