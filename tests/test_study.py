@@ -28,6 +28,7 @@ from aletheia_lora.study import (
     matched_comparison,
     run_study,
     seed_answers,
+    study_figure,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -514,8 +515,13 @@ def test_a_study_on_any_data_scores_held_out_nll_and_ranks_by_the_chosen_signal(
     assert top["metrics"]["task_nll"] < record["base"]["task_nll"]  # it learned the held-out distribution
     md = (Path(record["output_dir"]) / "study.md").read_text()
     assert "held-out rows of" in md and "probe signal `lora-energy`" in md
-    assert "text_nll" not in record["base"]  # no forgetting suite: the plot says so instead of an empty panel
+    assert "text_nll" not in record["base"]  # no forgetting suite: no empty panel, the title says so
     assert (Path(record["output_dir"]) / "study.png").read_bytes().startswith(PNG_MAGIC)
+    from matplotlib import pyplot
+
+    fig = study_figure(record)
+    assert len(fig.axes) == 1 and fig.texts[0].get_text().endswith("(no forgetting suite was run)")
+    pyplot.close(fig)
 
 
 def test_a_study_needs_exactly_one_task(ws, tmp_path):
@@ -581,8 +587,6 @@ def test_the_plot_shows_equal_time_twins_in_their_own_panel(ws, tmp_path):
     """With twins, study.png gets a middle panel of each arm against all-layer LoRA, and the twins do not
     crowd the speedup panel (three axes, not two; the twins' names only on the middle one)."""
     from matplotlib import pyplot
-
-    from aletheia_lora.study import study_figure
 
     record = run_study(_seeded_args(ws, tmp_path / "p", arms=["top", "lora-all-equal-train-time"], seeds=[0]),
                        log=lambda *a: None)  # fmt: skip

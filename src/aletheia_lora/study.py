@@ -1618,14 +1618,18 @@ def _plot_vs_all(ax, vs_all: dict[str, dict]) -> None:
 def study_figure(record: dict[str, Any]):
     """Left: the task's test NLL against measured speedup, one point per arm (the mean over seeds, with the sd
     as an error bar), and each arm's controls in grey at the arm's speedup. Middle, when equal-time twins
-    ran: each selection arm against all-layer LoRA at equal steps, wall-clock and training time. Right:
-    forgetting deltas (mean over seeds). Equal-time twins appear only in the middle panel."""
+    ran: each selection arm against all-layer LoRA at equal steps, wall-clock and training time. Right, when
+    a forgetting suite ran: forgetting deltas (mean over seeds); else the title says none ran. Equal-time
+    twins appear only in the middle panel."""
     means = [_mean_entry(runs) for name, runs in _by_arm(record["arms"]).items() if not is_equal_time(name)]
     across = record.get("across_seeds") or across_seeds(record)
     vs_all = (record.get("answers") or {}).get("vs_all") or {}
     timed = any(v.get(k, {}).get("n") for v in vs_all.values() for k in ("equal_time", "equal_train_time"))
-    fig = new_figure((16, 4.8) if timed else (11, 4.5))
-    left, *middle, right = fig.subplots(1, 3 if timed else 2)
+    keys = [k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in means)]
+    panels = 1 + timed + bool(keys)
+    fig = new_figure({1: (6, 4.5), 2: (11, 4.5), 3: (16, 4.8)}[panels])
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
+    left = axes.pop(0)
     for a in means:
         key = task_metric(a["metrics"])
         if key is None:
@@ -1647,29 +1651,21 @@ def study_figure(record: dict[str, Any]):
         f"{Path(_task_name(record)).name} test NLL (lower is better)" + (f"; base {base:.3f}" if base else "")
     )
     left.grid(alpha=0.3)
-    keys = [k for k, *_ in _FORGET if k.endswith("nll") and all(k in a.get("delta", {}) for a in means)]
     if timed:
-        _plot_vs_all(middle[0], vs_all)
-    names = [a["arm"] for a in means]
-    height = 0.8 / max(1, len(keys))
-    for j, key in enumerate(keys):
-        values = [a["delta"][key] for a in means]
-        right.barh([i + j * height for i in range(len(names))], values, height=height, label=key + " Δ")
-    right.set_yticks([i + height * (len(keys) - 1) / 2 for i in range(len(names))], names, fontsize=7)
-    right.invert_yaxis()
-    right.axvline(0, color="k", lw=0.8)
-    right.set_xlabel("forgetting: NLL Δ against the base model\n(lower is better)")
+        _plot_vs_all(axes.pop(0), vs_all)
     if keys:
+        right, names = axes.pop(0), [a["arm"] for a in means]
+        height = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            values = [a["delta"][key] for a in means]
+            right.barh([i + j * height for i in range(len(names))], values, height=height, label=key + " Δ")
+        right.set_yticks([i + height * (len(keys) - 1) / 2 for i in range(len(names))], names, fontsize=7)
+        right.invert_yaxis()
+        right.axvline(0, color="k", lw=0.8)
+        right.set_xlabel("forgetting: NLL Δ against the base model\n(lower is better)")
         right.legend(fontsize=7)
-    else:  # no forgetting suite ran (e.g. --text_windows 0 --humaneval_limit 0): say so, not an empty frame
-        right.clear()
-        right.set_axis_off()
-        right.text(
-            0.5, 0.5, "no forgetting suite was run", ha="center", va="center", transform=right.transAxes
-        )
-    fig.suptitle(
-        f"Layer-selection study: {Path(str(record['model'])).name}, {_task_name(record)}", fontsize=10
-    )
+    title = f"Layer-selection study: {Path(str(record['model'])).name}, {_task_name(record)}"
+    fig.suptitle(title + ("" if keys else " (no forgetting suite was run)"), fontsize=10)
     return fig
 
 
