@@ -46,44 +46,52 @@ def duration(seconds: float) -> str:
 class ProgressLog:
     """Progress lines of an evaluation (``suites.run_suites``, ``train``'s before/after): inside each
     suite, items done / total, rate and time left, at most one line every ``every`` seconds; and an
-    estimate of the whole evaluation (``what`` in words) from the first batch of each kind of work:
-    ``scored`` items scored (one forward pass each) and ``generated`` answers generated (a forward
-    pass per new token, often ten times the cost of scoring). The first estimate comes after the
-    first batch; where both kinds are planned, a second one after the first batch of the other kind.
-    No estimate when nothing is planned. ``clock``: seconds, for tests."""
+    estimate of the whole evaluation (``runs`` runs of the suites in ``planned``, ``what`` in words).
+
+    ``planned``: per suite, the items it scores (one forward pass each) and then the answers it
+    generates (a forward pass per new token). Each suite's two kinds of work are timed by their own
+    first batch: a 512-token text window costs more to score than a short task row, and an answer
+    more than either. Until a suite's first batch, the slowest rate of the same kind seen so far
+    stands in for it; answers with no rate yet are left out and said so. The estimate is said after
+    the first batch, and again whenever a newly timed batch moves it by more than a quarter. No
+    estimate when nothing is planned. ``clock``: seconds, for tests."""
 
     say: Callable[[str], Any]
     label: str
     every: float
-    scored: int
+    planned: dict[str, tuple[int, int]]
     what: str
-    generated: int = 0
+    runs: int = 1
     clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self) -> None:
-        self._seconds_per_item: dict[str, float] = {}  # "scored" / "generated" -> first batch's rate
+        self._rates: dict[tuple[str, str], float] = {}  # (suite, "scored" / "generated") -> s per item
+        self._said: float | None = None  # the estimate last said, in seconds
 
-    def _estimate(self, kind: str, took: float, items: int) -> None:
-        if kind in self._seconds_per_item or not (self.scored if kind == "scored" else self.generated):
+    def _rate(self, suite: str, kind: str) -> float | None:
+        same_kind = [rate for (_, k), rate in self._rates.items() if k == kind]
+        return self._rates.get((suite, kind), max(same_kind, default=None))
+
+    def _estimate(self, suite: str, kind: str, took: float, items: int) -> None:
+        if (suite, kind) in self._rates or items <= 0 or not self.runs or suite not in self.planned:
             return
-        self._seconds_per_item[kind] = took / max(items, 1)
-        first = (
-            "first batch"
-            if len(self._seconds_per_item) == 1
-            else {"scored": "first scoring batch", "generated": "first generating batch"}[kind]
+        self._rates[suite, kind] = took / items
+        work = [
+            (s, k, n) for s, counts in self.planned.items() for k, n in zip(("scored", "generated"), counts)
+        ]
+        seconds = self.runs * sum(
+            n * self._rate(s, k) for s, k, n in work if n and self._rate(s, k) is not None
         )
-        rates = self._seconds_per_item
-        known = {"scored": self.scored, "generated": self.generated}
-        seconds = sum(n * rates[k] for k, n in known.items() if k in rates)
-        unknown = {k: n for k, n in known.items() if n and k not in rates}
-        line = f"  {self.label}{first} took {took:.1f} s ({items} items); estimated ~{duration(seconds)} for "
-        if unknown:
-            work = {"scored": "scoring {} items", "generated": "generating {} answers"}
-            (other, n), done = next(iter(unknown.items())), next(iter(rates))
-            line += (f"{work[done].format(known[done])} of {self.what}; {work[other].format(n)} is timed after "
-                     f"its first batch{' (it costs more per item)' if other == 'generated' else ''}")  # fmt: skip
-        else:
-            line += f"{self.what} ({self.scored + self.generated} items; rough)"
+        untimed = self.runs * sum(n for s, k, n in work if n and self._rate(s, k) is None)
+        if self._said is not None and abs(seconds - self._said) <= self._said / 4:
+            return
+        self._said = seconds
+        first = "first batch" if kind == "scored" else "first batch of answers"
+        line = f"  {self.label}{suite}: {first} took {took:.1f} s ({items} items); estimated ~{duration(seconds)}"
+        items_in_all = self.runs * sum(n for *_, n in work)
+        line += f" for {self.what} ({items_in_all} items; rough)"
+        if untimed:
+            line += f", not counting {untimed} answers to generate (timed after their first batch; they cost most)"
         self.say(line)
 
     def suite(self, name: str, scored_items: int | None = None) -> Progress:
@@ -96,7 +104,7 @@ class ProgressLog:
             nonlocal last, batch_start, previous
             now = self.clock()
             kind = "scored" if scored_items is None or done <= scored_items else "generated"
-            self._estimate(kind, now - batch_start, done - previous)
+            self._estimate(name, kind, now - batch_start, done - previous)
             batch_start, previous = now, done
             if now - last >= self.every:
                 rate = done / max(now - start, 1e-9)

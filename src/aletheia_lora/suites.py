@@ -467,10 +467,11 @@ def run_suites(
     """Run each suite of ``inputs`` (from ``prepare_inputs``) on ``model``; suite name -> metrics.
 
     ``log`` (``None``: silent) gets a line as each suite starts and ends (items, seconds, items per
-    second), a progress line inside a suite at most every ``progress_every`` seconds, and after the
-    first batch a rough estimate of the time ``estimate_runs`` runs of these suites take (``eval
-    --compare_base``: 2, then 0 for the second run: no estimate). A suite's items are its data items,
-    counted twice where it scores and then generates answers for them.
+    second), a progress line inside a suite at most every ``progress_every`` seconds, and a rough
+    estimate of the time ``estimate_runs`` runs of these suites take (``eval --compare_base``: 2, then 0
+    for the second run: no estimate), after the first batch and again when a suite's first batch moves
+    it (``evaluation.ProgressLog``). A suite's items are its data items, counted twice where it scores
+    and then generates answers for them.
     """
     max_length = settings.get("max_length", 512)
     batch_size = settings.get("batch_size", 8)
@@ -483,10 +484,10 @@ def run_suites(
         )
         inputs = {**inputs, "general_text": windows}
     work = {name: _work(name, data, settings) for name, data in inputs.items()}
-    scored, generated = (estimate_runs * sum(w[k] for w in work.values()) for k in (0, 1))
+    planned = {name: (scored, generated) for name, (scored, generated, _) in work.items()}
     what = f"all {len(inputs)} suites" + (f" x {estimate_runs} runs" if estimate_runs > 1 else "")
     what += ", lm-eval tasks not counted" if settings.get("lm_eval_tasks") else ""
-    reporter = ProgressLog(log, label, progress_every, scored, what, generated) if log else None
+    reporter = ProgressLog(log, label, progress_every, planned, what, estimate_runs) if log else None
     say = log or (lambda line: None)
     out: dict[str, dict] = {}
     for k, (name, data) in enumerate(inputs.items(), 1):

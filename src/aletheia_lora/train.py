@@ -74,7 +74,7 @@ def _metrics(
 ) -> dict[str, Any]:
     """The held-out evaluation, the same as ``eval``'s task suite (``evaluation.evaluate_task``); ``say``
     (None: silent) gets a progress line at most every ``progress_every`` seconds."""
-    progress = ProgressLog(say, "", progress_every, 0, "").suite("held-out") if say else None
+    progress = ProgressLog(say, "", progress_every, {}, "").suite("held-out") if say else None
     out = evaluate_task(
         model, tokenizer, data.eval_rows, tokenized=data.eval, generate=eval_generate, progress=progress
     )
