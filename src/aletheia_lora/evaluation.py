@@ -79,10 +79,9 @@ class ProgressLog:
         work = [
             (s, k, n) for s, counts in self.planned.items() for k, n in zip(("scored", "generated"), counts)
         ]
-        seconds = self.runs * sum(
-            n * self._rate(s, k) for s, k, n in work if n and self._rate(s, k) is not None
-        )
-        untimed = self.runs * sum(n for s, k, n in work if n and self._rate(s, k) is None)
+        rated = [(n, self._rate(s, k)) for s, k, n in work if n]
+        seconds = self.runs * sum(n * rate for n, rate in rated if rate is not None)
+        untimed = self.runs * sum(n for n, rate in rated if rate is None)
         if self._said is not None and abs(seconds - self._said) <= self._said / 4:
             return
         self._said = seconds

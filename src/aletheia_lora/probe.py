@@ -410,17 +410,16 @@ def _lora_energy_sq(x: torch.Tensor, g: torch.Tensor, r: int, grams=None, m=None
 def _top_eigenvalue_sum(a: torch.Tensor, r: int) -> float:
     """The sum of the ``r`` largest eigenvalues of the symmetric positive semi-definite ``a``.
 
-    Solved on ``a`` scaled to a largest diagonal entry of 1: on a rank-deficient matrix of tiny
-    entries (a gradient of ~1e-5), MKL's fp32 eigensolver has returned NaN for eigenvalues that
-    are finite (seen on an Intel Xeon with torch 2.13). Should a value still be non-finite, the
-    solve is repeated in fp64."""
-    scale = a.diagonal().max()
-    if not scale > 0:  # a PSD matrix with a zero diagonal is zero
-        return 0.0
-    eig = torch.linalg.eigvalsh(a / scale)
-    if not torch.isfinite(eig).all():
-        eig = torch.linalg.eigvalsh(a.double() / scale)
-    return (eig.flip(0)[:r].clamp_min(0).double().sum() * scale.double()).item()
+    Solved on ``a`` scaled to a largest diagonal entry of 1 (a zero matrix stays zero): on a
+    rank-deficient matrix of tiny entries (a gradient of ~1e-5), MKL's fp32 eigensolver has returned
+    NaN for eigenvalues that are finite (seen on an Intel Xeon with torch 2.13). Should the sum still
+    be non-finite, the solve is repeated in fp64. One host sync, as before: this runs per probed
+    weight and batch."""
+    scale = a.diagonal().max().clamp_min(torch.finfo(a.dtype).tiny)
+    value = (torch.linalg.eigvalsh(a / scale).flip(0)[:r].clamp_min(0).double().sum() * scale).item()
+    if not math.isfinite(value):
+        value = (torch.linalg.eigvalsh(a.double() / scale).flip(0)[:r].clamp_min(0).sum() * scale).item()
+    return value
 
 
 def _gradient_energy_sq(grad: torch.Tensor, r: int) -> float:

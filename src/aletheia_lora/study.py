@@ -1610,7 +1610,7 @@ def _plot_vs_all(ax, vs_all: dict[str, dict]) -> None:
     ax.set_yticks([i + height for i in range(len(names))], names, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("test NLL vs all-layer LoRA, % (negative: the selection is better)")
+    ax.set_xlabel("test NLL vs all-layer LoRA, %\n(negative: the selection is better)")
     ax.legend(fontsize=7, loc="best", title="mean ± sd over seeds", title_fontsize=7)
     ax.grid(alpha=0.3, axis="x")
 
