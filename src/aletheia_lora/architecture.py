@@ -231,8 +231,8 @@ def probed_parameters(block: nn.Module, params: str) -> dict[str, torch.nn.Param
     excluded), 3-D expert tensors and router weights. ``params="all"``: every
     floating-point parameter of the block (the published definition).
     """
-    if params == "all":
-        return {n: p for n, p in block.named_parameters() if p.is_floating_point()}
+    if params == "all":  # quantized (4/8-bit) linear weights included: they are the block's weights
+        return {n: p for n, p in block.named_parameters() if p.is_floating_point() or is_quantized_weight(p)}
     if params != "lora-targets":
         raise ValueError(f"params={params!r}; use 'lora-targets' (default) or 'all'.")
     out: dict[str, torch.nn.Parameter] = {}
@@ -243,6 +243,36 @@ def probed_parameters(block: nn.Module, params: str) -> dict[str, torch.nn.Param
             module_path, _, pname = t.name.rpartition(".")
             out[t.name] = getattr(_get(block, module_path), pname)
     return out
+
+
+def is_quantized_weight(param: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit (``Params4bit``, packed) or 8-bit (``Int8Params``) weight."""
+    return type(param).__name__ in ("Params4bit", "Int8Params")
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear, also when its weight is packed (bitsandbytes 4-bit);
+    a transformers Conv1D's weight shape as stored, ``(in, out)``."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return tuple(module.weight.shape)  # type: ignore[return-value]
+
+
+def dense_weight(param: torch.Tensor) -> torch.Tensor:
+    """``param`` as a floating-point tensor: itself, or a bitsandbytes 4/8-bit weight dequantized."""
+    if param.is_floating_point():
+        return param
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:  # Params4bit
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(param.data, quant_state)
+    scb = getattr(param, "SCB", None)
+    if scb is not None:  # Int8Params: row-wise absmax scaling
+        return param.data.float() * scb.float().unsqueeze(1) / 127
+    raise TypeError(
+        f"cannot read a {type(param).__name__} of dtype {param.dtype} as a floating-point weight."
+    )
 
 
 def role_of(param_name: str, targets: list[Target]) -> str:

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .architecture import Target, block_targets, find_blocks
+from .architecture import Target, block_targets, find_blocks, weight_shape
 
 COMPONENTS = ("forward", "backward", "lora")
 # How many times longer a LoRA FLOP takes than a FLOP of the frozen matmuls (module docs).
@@ -170,7 +170,7 @@ def _shape(block: nn.Module, target: Target) -> tuple[int, ...]:
     if target.is_module:
         while hasattr(obj, "base_layer"):
             obj = obj.base_layer
-        obj = obj.weight
+        return weight_shape(obj)  # a 4-bit weight is packed: its shape is not the layer's
     return tuple(obj.shape)
 
 

@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 from .presets import preset_config
 from .settings import DTYPES
 
+QUANTIZATIONS = ("4bit", "8bit")  # load_model(quantization=...): bitsandbytes
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -261,12 +263,58 @@ def _from_hub(name: str, kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTr
     return model, tokenizer
 
 
+def quantization_config(
+    quantization: str,
+    *,
+    bnb_4bit_quant_type: str = "nf4",
+    bnb_4bit_use_double_quant: bool = True,
+    bnb_4bit_compute_dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``quantization`` (``"4bit"`` or ``"8bit"``).
+
+    The 4-bit compute dtype defaults to bf16 when the model runs on a GPU, else fp32 (bitsandbytes'
+    CPU kernels dequantize to it). Raises ``ImportError`` naming the pip command when bitsandbytes
+    is not installed.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}; use one of {list(QUANTIZATIONS)}.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"--load_in_{quantization} needs bitsandbytes; install it with: pip install 'aletheia-lora[qlora]'  "
+            f"(or: pip install 'bitsandbytes>=0.45')"
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bnb_4bit_compute_dtype is None:
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        bnb_4bit_compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+    elif isinstance(bnb_4bit_compute_dtype, str):
+        bnb_4bit_compute_dtype = getattr(torch, DTYPES[bnb_4bit_compute_dtype])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+    )
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether ``model`` was loaded in 4 or 8 bits (bitsandbytes)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    quantization: str | None = None,
+    **bnb_options: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (which always has a pad token afterwards).
 
@@ -279,6 +327,13 @@ def load_model(
             transformers default (the embedded model is float32).
         device: where to put the model, e.g. ``"cuda"``; ``None`` (default) leaves it on the CPU.
         trust_remote_code: allow custom modelling code from the checkpoint (default ``False``).
+        quantization: ``"4bit"`` (QLoRA: nf4 with double quantization by default) or ``"8bit"``:
+            the linear weights are loaded through bitsandbytes (:func:`quantization_config`, which
+            ``bnb_options`` go to: ``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``,
+            ``bnb_4bit_compute_dtype``) straight onto ``device`` (default: the GPU if there is one),
+            then prepared with PEFT's ``prepare_model_for_kbit_training`` without gradient checkpointing
+            (a trainer switches that on; ``truncate_backward`` keeps the backward above the lowest
+            adapted block either way). Not for ``.gguf`` files.
 
     Raises:
         FileNotFoundError: ``model`` looks like a path but no such folder exists.
@@ -293,6 +348,16 @@ def load_model(
         kwargs["dtype"] = dtype
     name = EMBEDDED_NAME if model is None else os.fspath(model)
     local = Path(name).expanduser()
+    if quantization is not None:
+        if local.suffix == ".gguf":
+            raise ValueError(
+                f"--load_in_{quantization} with the GGUF file {name!r}: load it once and save it as a folder "
+                f"(save_pretrained), then quantize that folder."
+            )
+        kwargs["quantization_config"] = quantization_config(quantization, device=device, **bnb_options)
+        kwargs["device_map"] = {"": str(resolve_device(None if device is None else str(device)))}
+    elif bnb_options:
+        raise TypeError(f"{sorted(bnb_options)} need quantization='4bit' or '8bit'.")
     if name == EMBEDDED_NAME:
         folder = embedded_model_path()
         lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
@@ -318,7 +383,11 @@ def load_model(
     ensure_pad_token(tokenizer)
     if getattr(lm, "generation_config", None) is not None and lm.generation_config.pad_token_id is None:
         lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    if device is not None:
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    elif device is not None:
         lm = lm.to(device)
     return lm, tokenizer
 

@@ -65,7 +65,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architecture import ROLES, Architecture, block_targets, find_blocks, probed_parameters, role_of
+from .architecture import (
+    ROLES,
+    Architecture,
+    block_targets,
+    dense_weight,
+    find_blocks,
+    is_quantized_weight,
+    probed_parameters,
+    role_of,
+)
 from .batches import IGNORE_INDEX
 from .batches import probe_batches as make_probe_batches
 from .scores import LayerScores
@@ -179,6 +188,12 @@ def gradient_probe(
             "probe can see this rank's own; use method='onepass' (the default) on a sharded model."
         )
     _check_deepspeed(model, params, method)
+    if method == "chunked" and any(is_quantized_weight(p) for p in arch.blocks.parameters()):
+        raise ValueError(
+            "method='chunked' reads full weight gradients, which 4-bit/8-bit (bitsandbytes) weights cannot "
+            "hold; use method='onepass' (the default), which measures them from each layer's inputs and "
+            "output gradients."
+        )
     if num_layers is not None and num_layers != arch.num_layers:
         raise ValueError(
             f"num_layers={num_layers} but {type(model).__name__} has {arch.num_layers} blocks at "
@@ -508,7 +523,9 @@ class _Recorder:
 
     def read_weight(self, weight: torch.Tensor) -> None:
         if self.weight_norm is None and weight.numel() > 0:
-            self.weight_norm = torch.linalg.vector_norm(weight.detach(), dtype=torch.float64).item()
+            # a 4/8-bit weight is read dequantized: the weight the layer computes with
+            dense = dense_weight(weight).detach()
+            self.weight_norm = torch.linalg.vector_norm(dense, dtype=torch.float64).item()
 
     def finish(self) -> None:
         """The signals that need every batch: ``relative`` and coherence's ``||sum_b dW_b||``."""
