@@ -52,6 +52,18 @@ def _rank_rows(lora: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     return [(", ".join(f"`{n}`" for n in mods), r, _g(a)) for (r, a), mods in groups.items()]
 
 
+def _variant_line(lora: Mapping[str, Any]) -> str:
+    """Dropout, scaling, and DoRA / rsLoRA / the initialization when they are not plain LoRA's."""
+    scaling = "alpha / sqrt(rank) (rsLoRA)" if lora.get("use_rslora") else "alpha / rank"
+    line = f"LoRA dropout {lora.get('lora_dropout', 0)}; the update of each weight is scaled by {scaling}."
+    if lora.get("use_dora"):
+        line += " DoRA (weight-decomposed LoRA): each adapted weight also trains a magnitude vector."
+    init = lora.get("init_lora_weights", True)
+    if init is not True:
+        line += f" LoRA weights initialized with PEFT's `init_lora_weights={init!r}`."
+    return line
+
+
 def _g(x: Any) -> Any:
     return int(x) if isinstance(x, float) and x.is_integer() else x
 
@@ -179,10 +191,7 @@ def model_card(record: Mapping[str, Any], *, plot: bool = False, adapter: str | 
     lines = [f"# {title}", "", *_base_lines(base), ""]
     lines += _selection_lines(plan, record, plot)
     lines += ["## Ranks and alphas", "", *table_lines(("weights", "rank", "alpha"), _rank_rows(lora)), ""]
-    lines += [
-        f"LoRA dropout {lora.get('lora_dropout', 0)}; the update of each weight is scaled by alpha / rank.",
-        "",
-    ]
+    lines += [_variant_line(lora), ""]
     lines += _metric_lines(record)
     lines += _training_lines(record)
     lines += _load_lines(base, adapter or ADAPTER_PLACEHOLDER)

@@ -13,19 +13,28 @@ comment and writes the closest faithful form; it never approximates silently.
 Keys were taken from each project's source (checked 2026-12):
 
 * PEFT 0.21: ``LoraConfig`` fields ``target_modules`` (a list entry matches a module whose name
-  is the entry or ends in ``.entry``), ``layers_to_transform`` + ``layers_pattern``,
-  ``rank_pattern`` / ``alpha_pattern`` (regex keys), ``target_parameters``.
+  is the entry or ends in ``.entry``), ``layers_to_transform`` + ``layers_pattern`` (a regex matched as
+  ``<pattern>.<index>.`` anywhere in a module's path: on a multimodal wrapper the plan writes the escaped
+  block path, ``re.escape("model.language_model.layers")``, so a vision tower's ``encoder.layers`` is not matched),
+  ``rank_pattern`` / ``alpha_pattern`` (regex keys), ``target_parameters``, ``use_dora``, ``use_rslora``,
+  ``init_lora_weights``.
 * axolotl, ``src/axolotl/loaders/adapter.py`` at commit 01883e35e2f4 (``_build_peft_lora_config``
   and ``_build_lora_config_kwargs``): ``lora_r``, ``lora_alpha``, ``lora_dropout``,
   ``lora_target_modules``, ``lora_target_parameters``, ``peft_layers_to_transform``,
   ``peft_layers_pattern``, ``lora_fan_in_fan_out``, ``lora_rank_pattern`` / ``lora_alpha_pattern``
-  (passed to PEFT as ``rank_pattern`` / ``alpha_pattern``); ``lora_target_linear: true`` would add
-  every linear module. Schema: ``src/axolotl/utils/schemas/peft.py`` at f5ff7a9cf14e (``lora_r``
-  and ``lora_alpha`` are integers, ``peft_layers_pattern`` a list).
+  (passed to PEFT as ``rank_pattern`` / ``alpha_pattern``; added by axolotl PR #3673, merged 2026-07-08,
+  released from v0.18.0: the loader at b78dab1e40f8 has no such keys, and an older axolotl drops them
+  silently), ``peft_use_dora``, ``peft_use_rslora``, ``peft_init_lora_weights`` (passed as ``use_dora``,
+  ``use_rslora``, ``init_lora_weights``, each only when truthy, so ``init_lora_weights: false`` cannot be
+  said); ``lora_target_linear: true`` would add every linear module. Schema:
+  ``src/axolotl/utils/schemas/peft.py`` at f5ff7a9cf14e (``lora_r`` and ``lora_alpha`` are integers,
+  ``peft_layers_pattern`` a list, ``peft_init_lora_weights`` a bool or a string).
 * LLaMA-Factory, ``src/llamafactory/hparams/finetuning_args.py`` at 00577a85775a (``LoraArguments``:
   ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_target`` split on commas) and
   ``src/llamafactory/model/adapter.py`` at 01d87b8267b9 (the names go to PEFT's ``target_modules``
-  unchanged for text-only models). There is no layer index, rank pattern or parameter target,
+  unchanged for text-only models; for a multimodal model ``patch_target_modules`` keeps every module whose
+  name contains an entry, so full names stay exact), ``use_dora`` / ``use_rslora`` passed to PEFT, and
+  ``pissa_init`` the only other initialization. There is no layer index, rank pattern or parameter target,
   so the layers are written as full module names and per-module ranks cannot be kept.
 """
 
@@ -163,16 +172,32 @@ def _axolotl(plan: PlanLike) -> str:
         data["lora_alpha_pattern"] = {k: _number(v) for k, v in lora["alpha_pattern"].items()}
     if lora["fan_in_fan_out"]:
         data["lora_fan_in_fan_out"] = True
+    for key in ("use_dora", "use_rslora"):
+        if lora[key]:
+            data[f"peft_{key}"] = True
+    init = lora["init_lora_weights"]
+    if init is False:  # axolotl passes peft_init_lora_weights only when truthy
+        notes.append(
+            "axolotl passes peft_init_lora_weights to PEFT only when it is truthy, so init_lora_weights: false "
+            "(random A and B) cannot be said; axolotl will start from PEFT's default (B = 0). Use the peft export."
+        )
+    elif init is not True:
+        data["peft_init_lora_weights"] = init
     comments = _header(
         plan, "axolotl", "axolotl reads them (src/axolotl/loaders/adapter.py, commit 01883e35e2f4)"
     )
+    if "lora_rank_pattern" in data or "lora_alpha_pattern" in data:
+        comments.append(
+            "lora_rank_pattern / lora_alpha_pattern need axolotl >= 0.18.0; older versions drop them silently "
+            f"and train every module at lora_r {lora['r']}."
+        )
     comments.append("Merge into your axolotl config, replacing its lora_* and peft_layers_* keys.")
     return _yaml(comments, notes, data)
 
 
 def _llama_factory(plan: PlanLike) -> str:
     lora = _lora(plan)
-    blocks = plan.blocks_path or lora["layers_pattern"]
+    blocks = plan.blocks_path or lora["layers_pattern"]  # the block path itself, also on multimodal wrappers
     names = [
         f"{blocks}.{i}.{name}"
         for i in lora["layers_to_transform"] or []
@@ -208,6 +233,15 @@ def _llama_factory(plan: PlanLike) -> str:
         notes.append(
             f"LLaMA-Factory types lora_alpha as an integer; this plan's is {data['lora_alpha']}. Scale lora_rank "
             f"and lora_alpha to integers with the same ratio."
+        )
+    for key in ("use_dora", "use_rslora"):
+        if lora[key]:
+            data[key] = True
+    if lora["init_lora_weights"] is not True:
+        notes.append(
+            f"LLaMA-Factory's only LoRA initializations are PEFT's default and pissa_init; this plan's "
+            f"init_lora_weights is {lora['init_lora_weights']!r}. Written: the default (B = 0). For the exact "
+            f"initialization, train with the peft export."
         )
     data["lora_target"] = ",".join(names)
     comments = _header(
