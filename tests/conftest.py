@@ -145,3 +145,22 @@ def saved_workspace(root, n_rows: int = 16):
     word_tokenizer().save_pretrained(root / "model")
     write_jsonl(root / "data.jsonl", qa_rows(n_rows, seed=0))
     return root
+
+
+def tiny_multimodal(kind: str = "gemma3", num_layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-init image-text model whose decoder blocks sit at ``model.language_model.layers`` and
+    whose vision tower has ``encoder.layers.N.self_attn.{q,k,v}_proj`` too (Gemma-3 with SigLIP, LLaVA with CLIP)."""
+    torch.manual_seed(seed)
+    text = {"hidden_size": 32, "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, "intermediate_size": 64, "vocab_size": VOCAB}  # fmt: skip
+    vision = {"hidden_size": 32, "num_hidden_layers": num_layers, "num_attention_heads": 4, "intermediate_size": 64,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    if kind == "gemma3":
+        config = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)  # fmt: skip
+        return T.Gemma3ForConditionalGeneration(config)
+    if kind == "llava":
+        config = T.LlavaConfig(text_config=T.LlamaConfig(**text), vision_config=T.CLIPVisionConfig(**vision),
+                               image_token_index=VOCAB - 1)  # fmt: skip
+        return T.LlavaForConditionalGeneration(config)
+    raise ValueError(f"kind={kind!r}; use 'gemma3' or 'llava'.")
