@@ -27,6 +27,7 @@ METHOD = {
     "lora_config",
     "presets",
     "probe",
+    "schedules",
     "scores",
     "selection",
     "truncation",
@@ -48,9 +49,10 @@ WORK = {
     "settings",
     "stats",
     "suites",
+    "time_to_target",
     "timing",
 }
-COMMANDS = {"train", "bench", "study", "oracle", "eval", "cli", "__main__"}
+COMMANDS = {"train", "bench", "study", "oracle", "race", "eval", "cli", "__main__"}
 FLOOR = {**dict.fromkeys(METHOD, 0), **dict.fromkeys(WORK, 1), **dict.fromkeys(COMMANDS, 2)}
 # The CLI imports each command when it is asked for, so `aletheia-lora` answers without torch.
 LAZY_SIBLING_IMPORTS_ALLOWED = {"cli", "__init__"}

@@ -6,6 +6,7 @@
     aletheia-lora bench [--random_init PRESET | --model M] [--gradient_checkpointing both] ...
     aletheia-lora eval  [--model M] [--adapter DIR] --output_dir O [--suites task,general_text,...]
     aletheia-lora study --gsm8k_dir D --output_dir O [--mmlu_dir M] [--arms ...] [--steps 48]
+    aletheia-lora race  --gsm8k_dir D --output_dir O [--arms lora-all top freeze drop@1.3x ...] [--seeds 0 1 2]
 
 Every field of AletheiaConfig and transformers.TrainingArguments is a flag; ``--config FILE``
 (YAML or JSON) supplies defaults that explicit flags override.
@@ -23,7 +24,7 @@ import warnings
 from dataclasses import field
 from pathlib import Path
 
-USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle} [--help] [options]
+USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle,race} [--help] [options]
 
   probe   score every layer on your data; write layer_scores.json/.png
   train   probe, select, fine-tune with LoRA on the selected layers; write the adapter and a report
@@ -34,6 +35,8 @@ USAGE = """usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle} [--he
           forgetting and speed; write study.json/.md/.png
   oracle  fine-tune every block alone, measure its held-out loss drop, and rank the probe's
           signals against it; write oracle.json/.md/.png
+  race    train every arm (all-layer LoRA, static picks, freezing, backward dropping) side by side
+          and measure each one's time to all-layer LoRA's final held-out loss; write summary.json/.md/.png
 """
 
 
@@ -106,6 +109,7 @@ GROUPS = {
     "StudyArguments": "study",
     "EvalArguments": "eval",
     "OracleArguments": "oracle",
+    "RaceArguments": "race",
 }
 TRAINING_ARGUMENTS_GROUP = (
     "transformers.TrainingArguments (passed through to the Trainer; every field is a flag: "
@@ -324,6 +328,12 @@ def study(argv: list[str]) -> int:
     return _report_command("study", StudyArguments, run_study, argv)
 
 
+def race(argv: list[str]) -> int:
+    from .race import RaceArguments, run_race
+
+    return _report_command("race", RaceArguments, run_race, argv)
+
+
 def oracle(argv: list[str]) -> int:
     from .oracle import OracleArguments, run_oracle
 
@@ -338,6 +348,7 @@ COMMANDS = {
     "eval": evaluate,
     "study": study,
     "oracle": oracle,
+    "race": race,
 }
 
 

@@ -111,6 +111,19 @@ def _layer_list(layers: Iterable[int]) -> str:
     return ", ".join(str(i) for i in layers)
 
 
+def layer_spans(layers: Iterable[int], sep: str = ",") -> str:
+    """Sorted layer indices as runs: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    layers = sorted(layers)
+    spans, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            spans.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return sep.join(spans)
+
+
 # --------------------------------------------------------------------------- terminal
 
 

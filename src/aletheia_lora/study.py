@@ -112,7 +112,7 @@ from .evaluation import mean_loss
 from .finetune import batch_order, load_base, train_arm
 from .io import atomic_write_text
 from .plan import machine_cost, run_probe, select, wrap_with_plan
-from .report import new_figure, render_table, save_png
+from .report import layer_spans, new_figure, render_table, save_png
 from .runs import check_output_dir, hardware, resumable_record, versions
 from .scores import LayerScores
 from .selection import budget
@@ -1224,14 +1224,7 @@ _FORGET = (
 
 
 def _layers(layers: list[int]) -> str:
-    spans, start = [], None
-    for i, x in enumerate(layers):
-        if start is None:
-            start = x
-        if i + 1 == len(layers) or layers[i + 1] != x + 1:
-            spans.append(f"{start}" if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(spans)
+    return layer_spans(layers)
 
 
 def _seeds(record: dict[str, Any]) -> list[int]:

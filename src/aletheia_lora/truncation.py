@@ -28,7 +28,9 @@ def _exit_no_grad(module, args, output):
     torch.set_grad_enabled(module.__dict__.pop("_aletheia_grad_mode", True))
 
 
-def truncate_backward(model: nn.Module, *, layers_path: str | None = None) -> int | None:
+def truncate_backward(
+    model: nn.Module, *, layers_path: str | None = None, lowest: int | None = None
+) -> int | None:
     """Stop the backward pass at the lowest block with trainable parameters; return its index.
 
     * blocks below it run under ``no_grad`` (forward hooks, idempotent), so no autograd graph
@@ -36,6 +38,9 @@ def truncate_backward(model: nn.Module, *, layers_path: str | None = None) -> in
     * input-embedding ``requires_grad`` hooks (``enable_input_require_grads``) are removed;
     * where gradient checkpointing is on, blocks below are not checkpointed and blocks at or
       above it use non-reentrant checkpointing (reentrant needs inputs that require grad).
+
+    ``lowest`` moves the stop higher than the lowest trainable block: the blocks below it train no
+    more (``schedules.FreezeSchedule`` freezes a bottom prefix without touching ``requires_grad``).
 
     Returns ``None`` (and changes nothing) when a parameter outside the blocks is trainable,
     e.g. embeddings in ``modules_to_save``: then the backward pass must reach the bottom.
@@ -48,7 +53,7 @@ def truncate_backward(model: nn.Module, *, layers_path: str | None = None) -> in
     trainable = [i for i, b in enumerate(arch.blocks) if any(p.requires_grad for p in b.parameters())]
     if not trainable:
         return None
-    lowest = trainable[0]
+    lowest = trainable[0] if lowest is None else max(trainable[0], lowest)
     for module in model.modules():
         if callable(getattr(module, "disable_input_require_grads", None)) and getattr(
             module, "_require_grads_hooks", None
