@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc as garbage
 import json
 import os
 import statistics
@@ -49,7 +50,7 @@ from .architecture import find_blocks
 from .costmodel import CostModel, cost_model, predict_speedup
 from .data import prepare_data
 from .io import atomic_write_text
-from .models import load_model, random_model, resolve_device, resolve_dtype
+from .models import load_model, quantize_linears, random_model, resolve_device, resolve_dtype
 from .plan import run_probe, select
 from .presets import get_preset, preset_names
 from .report import new_figure, render_table, save_png, significant
@@ -181,22 +182,26 @@ class BenchArguments(ModelSettings, BudgetSettings, OutputDirSettings):
 
 
 def build_model(
-    args: BenchArguments, device: torch.device, dtype: torch.dtype
+    args: BenchArguments, device: torch.device, dtype: torch.dtype, *, quantized: bool = True
 ) -> tuple[nn.Module, dict, Any]:
     """The model under test, a description of it, and its tokenizer (``None`` for random weights).
 
     ``random_init``: :func:`aletheia_lora.models.random_model` (seeded by ``args.seed``);
-    otherwise :func:`aletheia_lora.models.load_model`.
+    otherwise :func:`aletheia_lora.models.load_model`. With ``--load_in_4bit``/``--load_in_8bit`` (and
+    ``quantized``) the linear weights are bitsandbytes 4/8-bit (random weights: quantized in place).
     """
+    quantization = args.quantization_kwargs() if quantized else {}
     if args.random_init is not None:
         preset = get_preset(args.random_init)
         model = random_model(preset.name, device=device, dtype=dtype, seed=args.seed, num_layers=args.num_layers,
                              attn_implementation=args.attn_implementation)  # fmt: skip
+        if quantization:
+            model = quantize_linears(model, device=device, **quantization)
         info = {"source": "random_init", "preset": preset.name, "shapes_of": preset.hub_id}
         tokenizer = None
     else:
         model, tokenizer = load_model(
-            args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code
+            args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code, **quantization
         )
         if args.attn_implementation:
             model.set_attn_implementation(args.attn_implementation)
@@ -209,9 +214,129 @@ def build_model(
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(dtype).replace("torch.", ""),
             "device": str(device),
+            "weights": weights_label(args, dtype, quantized=quantized),
         }
     )
     return model, info, tokenizer
+
+
+def weights_label(args: BenchArguments, dtype: torch.dtype, *, quantized: bool = True) -> str:
+    """How the base weights are held: ``"4-bit nf4 (double quant, compute float32)"``, ``"8-bit"`` or the dtype."""
+    kw = args.quantization_kwargs() if quantized else {}
+    if not kw:
+        return str(dtype).replace("torch.", "")
+    if kw["quantization"] == "8bit":
+        return "8-bit (bitsandbytes int8)"
+    compute = kw["bnb_4bit_compute_dtype"] or ("bfloat16" if torch.cuda.is_available() else "float32")
+    double = ", double quant" if kw["bnb_4bit_use_double_quant"] else ""
+    return f"4-bit {kw['bnb_4bit_quant_type']}{double}, compute {compute}"
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def _proc_status(field_name: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in bytes, or ``None`` off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a loaded base and its training steps, net of what was resident before the load.
+
+    Made before the load (it reads the baseline); :meth:`reset` after the load, so that the load's own
+    transient spike (e.g. random float weights before quantization) is left out while the loaded
+    weights stay counted; :meth:`read` after the steps. GPU: ``torch.cuda.max_memory_allocated`` less
+    the allocated memory before the load (``time_arms`` resets the peak per arm, so the steps' peaks
+    are its arms' ``peak_memory_bytes``). CPU (Linux): the process's peak resident set (``VmHWM``,
+    reset through ``/proc/self/clear_refs``) less the resident set before the load. ``None`` where
+    neither can be read.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        garbage.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            self.start: int | None = torch.cuda.memory_allocated(device)
+            self.measure = (
+                "torch.cuda.max_memory_allocated during the steps, less the memory allocated before the load"
+            )
+        else:
+            self.start = _proc_status("VmRSS")
+            self.measure = "peak resident set (VmHWM) during the steps, less the resident set before the load"
+
+    def reset(self) -> None:
+        garbage.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := the current resident set
+        except OSError:
+            self.start = None
+
+    def read(self, arm_peaks: list[int | None] = ()) -> int | None:
+        if self.start is None:
+            return None
+        if self.device.type == "cuda":
+            return (
+                max([torch.cuda.max_memory_allocated(self.device), *(p or 0 for p in arm_peaks)]) - self.start
+            )
+        peak = _proc_status("VmHWM")
+        return None if peak is None else peak - self.start
+
+
+def compare_weights(
+    args: BenchArguments, device: torch.device, dtype: torch.dtype, layers: list[int], input_ids, say
+) -> list[dict[str, Any]]:
+    """``--load_in_4bit``/``8bit``: the quantized base against the ``dtype`` base, each loaded afresh and
+    timed alone (lora-all and the top selection ``layers``, no checkpointing, one round of ``steps``
+    steps after ``warmup``), with the peak memory of the loaded base and its steps (:class:`PeakMemory`).
+    The quantized base goes first, so any memory the allocator keeps from it can only flatter the other."""
+    out = []
+    for quantized in (True, False):
+        memory = PeakMemory(device)
+        model, info, _ = build_model(args, device, dtype, quantized=quantized)
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+        memory.reset()
+        num_layers = find_blocks(model).num_layers
+        arms = [
+            TimedArm(BASELINE, False, list(range(num_layers)), truncate=False),
+            TimedArm("top", False, layers),
+        ]
+        time_arms(model, arms, input_ids, lora_kwargs=lora_kwargs(args), steps=args.steps, warmup=args.warmup,
+                  rounds=1, seed=args.seed)  # fmt: skip
+        synchronize(device)
+        peak = memory.read([arm.peak_memory_bytes for arm in arms])
+        del model
+        for arm in arms:
+            out.append({"weights": info["weights"], "arm": arm.arm, "layers": arm.layers, "median_ms": 1000 * arm.median_seconds,
+                        "peak_memory_bytes": peak, "memory_measure": memory.measure})  # fmt: skip
+            say(f"weights {info['weights']:<40} {arm.arm:<10} {1000 * arm.median_seconds:9.1f} ms/step, "
+                f"peak memory {_mib(peak)}")  # fmt: skip
+    garbage.collect()
+    return out
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def weights_table(rows: list[dict[str, Any]]) -> str:
+    """The quantized-vs-float comparison as a markdown table."""
+    header = ("weights", "arm", "layers", "ms/step (median)", "peak memory (base + steps)")
+    lines = [(r["weights"], r["arm"], str(len(r["layers"])), significant(r["median_ms"], 3), _mib(r["peak_memory_bytes"]))
+             for r in rows]  # fmt: skip
+    return render_table(header, lines)
 
 
 # --------------------------------------------------------------------------- probe and selections
@@ -381,6 +506,7 @@ def run_bench(
     started = datetime.datetime.now(datetime.timezone.utc)
     model, model_info, tokenizer = build_model(args, device, dtype)
     arch = find_blocks(model)
+    model_info |= {"num_layers": arch.num_layers, "blocks_path": arch.blocks_path}
     vocab = model.get_input_embeddings().num_embeddings
     say(f"model: {model_info.get('preset') or model_info.get('model')} ({model_info['class']}, "
         f"{arch.num_layers} blocks, {model_info['parameters'] / 1e6:,.0f}M parameters, {model_info['dtype']}, {device})")  # fmt: skip
@@ -401,11 +527,18 @@ def run_bench(
     _time(model, rows, args, input_ids, say)
 
     results = _results(rows, probe_seconds, args.e2e_steps)
+    weights: list[dict[str, Any]] = []
+    if args.quantization_kwargs():  # the same steps on the float base, each base loaded alone
+        top = next((row.layers for row in rows if row.arm == "top"), None)
+        top = top if top is not None else select(scores, probe_config(args), model=model, cost=cost)
+        del model, arch  # the block stack too: the comparison loads each base alone
+        say("quantized against float weights: each base loaded afresh, lora-all and top timed alone ...")
+        weights = compare_weights(args, device, dtype, top, input_ids, say)
     record: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
         "command": list(command if command is not None else sys.argv),
         "settings": dataclasses.asdict(args) | {"output_dir": str(out)},
-        "model": model_info | {"num_layers": arch.num_layers, "blocks_path": arch.blocks_path},
+        "model": model_info,
         "hardware": hardware(device) | {"process_max_rss_bytes": max_rss()},
         "versions": versions(),
         "timing": {
@@ -440,8 +573,12 @@ def run_bench(
         ],  # fmt: skip
         "e2e_steps": args.e2e_steps,
         "results": results,
+        "weights_comparison": weights,
     }
     table = markdown_table(results, args.e2e_steps)
+    if weights:
+        table += (f"\n\nQuantized against float base weights, each base loaded alone (no checkpointing; peak "
+                  f"memory: {weights[0]['memory_measure']}):\n\n{weights_table(weights)}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(record, indent=1, default=str) + "\n")
     atomic_write_text(out / "bench.md", markdown_report(record, table))
@@ -544,7 +681,8 @@ def markdown_report(record: dict[str, Any], table: str) -> str:
     lines = [
         f"# aletheia-lora bench: {_title(record)}",
         "",
-        f"- model: {source}, {m['num_layers']} blocks, {m['parameters']:,} parameters, {m['dtype']}",
+        f"- model: {source}, {m['num_layers']} blocks, {m['parameters']:,} parameters, {m['dtype']}"
+        + (f", weights {m['weights']}" if m.get("weights", m["dtype"]) != m["dtype"] else ""),
         f"- machine: {device}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}",
         f"- date: {record['date']}",
         f"- command: `{' '.join(record['command'])}`",

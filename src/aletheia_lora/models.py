@@ -302,6 +302,44 @@ def quantization_config(
     )
 
 
+def quantize_linears(
+    model: Any, quantization: str, *, device: torch.device | str | None = None, **bnb_options: Any
+) -> Any:
+    """Replace every ``nn.Linear`` of ``model`` but its output head by bitsandbytes' 4-bit (``Linear4bit``)
+    or 8-bit (``Linear8bitLt``) layer, quantized from its weights, in place; returns ``model``.
+
+    For models that are not loaded from a checkpoint (``bench --random_init``): the same layers
+    :func:`load_model` with ``quantization`` gives (``bnb_options`` as there), without a file.
+    """
+    import bitsandbytes as bnb
+    from torch import nn
+
+    config = quantization_config(quantization, device=device, **bnb_options)
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            where = child.weight.device if device is None else device
+            if quantization == "4bit":
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=config.bnb_4bit_compute_dtype, quant_type=config.bnb_4bit_quant_type,
+                                        compress_statistics=config.bnb_4bit_use_double_quant, device="meta")  # fmt: skip
+                new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type=config.bnb_4bit_quant_type,
+                                               compress_statistics=config.bnb_4bit_use_double_quant, module=new)  # fmt: skip
+            else:
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                          has_fp16_weights=False, device="meta")  # fmt: skip
+                new.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, new.to(where))  # the weight is quantized as it moves
+            del child
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # as load_model does
+
+
 def is_quantized(model: Any) -> bool:
     """Whether ``model`` was loaded in 4 or 8 bits (bitsandbytes)."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
