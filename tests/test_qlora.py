@@ -237,3 +237,22 @@ def test_bench_compares_4bit_with_float_step_time_and_peak_memory(tmp_path):
     assert "VmHWM" in rows[0]["memory_measure"]
     assert "| 4-bit nf4, double quant, compute float32 | lora-all |" in result["table"]
     assert "peak memory (base + steps)" in (tmp_path / "b" / "bench.md").read_text()
+
+
+@needs_bnb
+def test_load_in_8bit_probes_and_trains(saved):
+    model, _ = load_model(saved, quantization="8bit")
+    q_proj = find_blocks(model).blocks[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "Linear8bitLt" and q_proj.weight.dtype == torch.int8
+    twin, _ = load_model(saved, dtype="float32")
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear8bitLt":
+            twin.get_submodule(name).weight.data = dense_weight(module.weight).float().clone()
+    rows = token_rows(6)
+    got = gradient_probe(model, rows, probe_batches=2, signals="relative")
+    want = gradient_probe(twin, rows, probe_batches=2, signals="relative")
+    for signal in ("grad-norm", "relative"):  # int8 matmuls run on fp16-rounded inputs
+        for layer in range(4):
+            assert got.signals[signal][layer] == pytest.approx(want.signals[signal][layer], rel=0.02), signal
+    peft_model, plan = prepare_model(model, rows, AletheiaConfig(top_k=2, r=4, probe_batches=2))
+    assert _backward_blocks(peft_model) == set(range(min(plan.selected_layers), 4))
