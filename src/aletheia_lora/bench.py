@@ -32,6 +32,7 @@ and peak GPU memory. Files: ``bench.json`` (everything, all step times included)
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import gc as garbage
@@ -269,6 +270,7 @@ class PeakMemory:
                 "torch.cuda.max_memory_allocated during the steps, less the memory allocated before the load"
             )
         else:
+            _return_freed_memory()
             self.start = _proc_status("VmRSS")
             self.measure = "peak resident set (VmHWM) during the steps, less the resident set before the load"
 
@@ -292,6 +294,15 @@ class PeakMemory:
             )
         peak = _proc_status("VmHWM")
         return None if peak is None else peak - self.start
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by a previous base back to the OS (glibc ``malloc_trim``), so that it is not
+    resident at the next base's baseline and reused unseen; a no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def compare_weights(
