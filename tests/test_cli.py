@@ -429,7 +429,7 @@ def test_missing_config_file(tmp_path):
 def test_unknown_or_missing_subcommand_exits_2_with_usage(argv, capsys):
     assert main(argv) == 2
     captured = capsys.readouterr()
-    assert "usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle}" in captured.err
+    assert "usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle,race}" in captured.err
     assert captured.out == ""
 
 
@@ -504,7 +504,7 @@ def test_python_dash_m_help_exits_0():
         [sys.executable, "-m", "aletheia_lora", "--help"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0
-    assert "usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle}" in proc.stdout
+    assert "usage: aletheia-lora {probe,train,demo,bench,eval,study,oracle,race}" in proc.stdout
     assert "probe" in proc.stdout and "train" in proc.stdout
 
 

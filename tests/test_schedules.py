@@ -10,19 +10,22 @@ while the blocks below still do; the drop rates meet their cost target.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 
 import pytest
 import torch
-from conftest import tiny_model, token_rows
+from conftest import saved_workspace, tiny_model, token_rows
 from peft import get_peft_model
 from ranks import both_ranks_succeed
+from test_cli import FAST, _base
 from test_truncation import _count_backward
 from transformers import Trainer, TrainingArguments
 
 from aletheia_lora import apply_aletheia_lora
 from aletheia_lora.batches import collate
+from aletheia_lora.cli import main
 from aletheia_lora.costmodel import uniform_cost_model
 from aletheia_lora.data import DataCollator
 from aletheia_lora.schedules import (
@@ -33,6 +36,7 @@ from aletheia_lora.schedules import (
     drop_rates,
     scheduled_step_cost,
 )
+from aletheia_lora.scores import LayerScores
 from aletheia_lora.timing import optimizer_step
 from aletheia_lora.truncation import TruncatedBackwardCallback, truncate_backward
 
@@ -164,10 +168,11 @@ sys.path.insert(0, {tests!r})
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from conftest import tiny_model, token_rows
+from conftest import saved_workspace, tiny_model, token_rows
 from peft import get_peft_model
 from aletheia_lora import apply_aletheia_lora
 from aletheia_lora.batches import collate
+from aletheia_lora.cli import main
 from aletheia_lora.schedules import FreezeSchedule
 from aletheia_lora.truncation import truncate_backward
 
@@ -286,3 +291,43 @@ def test_drop_rates_meet_the_cost_target_and_drop_low_scores_more():
     assert capped == [0.5] * LAYERS and 1 < reachable < 10
     with pytest.raises(ValueError, match="target_speedup=0.9"):
         drop_rates(scores, list(range(LAYERS)), cost, target_speedup=0.9)
+
+
+# --------------------------------------------------------------------------- train --schedule
+
+
+def test_train_with_a_freeze_schedule_records_it_and_resumes_only_with_the_same_schedule(tmp_path, capsys):
+    ws = saved_workspace(tmp_path, n_rows=40)
+    out = tmp_path / "run"
+    common = [*_base(ws), *FAST, "--output_dir", str(out), "--top_pct", "100", "--save_steps", "2",
+              "--schedule", "freeze", "--freeze_interval", "1", "--freeze_min_steps", "0",
+              "--freeze_threshold", "1e9", "--freeze_max_frozen", "0.5", "--quiet", "true"]  # fmt: skip
+    assert main(["train", *common, "--max_steps", "4"]) == 0
+    record = json.loads((out / "aletheia.json").read_text())
+    assert record["schedule"]["kind"] == "freeze" and record["schedule"]["frozen_blocks"] == [0, 1]
+    assert record["settings"]["run"]["schedule"] == "freeze"
+    capsys.readouterr()
+    # the checkpoint was trained with freezing: resuming it as a static run is refused, in one line
+    static = [a for a in common if a not in ("--schedule", "freeze")]
+    assert main(["train", *static, "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 1
+    err = capsys.readouterr().err
+    assert "--schedule static but the checkpoint" in err and "Traceback" not in err
+    assert main(["train", *common, "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 0
+    resumed = json.loads((out / "aletheia.json").read_text())["schedule"]
+    assert resumed["steps_seen"] == 6 and resumed["frozen_blocks"] == [0, 1]
+
+
+def test_train_with_a_drop_schedule_skips_low_scoring_blocks_more(tmp_path):
+    ws = saved_workspace(tmp_path, n_rows=40)
+    out = tmp_path / "run"
+    args = [*_base(ws), *FAST, "--output_dir", str(out), "--top_pct", "100", "--schedule", "drop",
+            "--drop_target_speedup", "1.3", "--max_steps", "6", "--save_strategy", "no", "--quiet", "true"]  # fmt: skip
+    assert main(["train", *args]) == 0
+    record = json.loads((out / "aletheia.json").read_text())
+    rates = record["schedule"]["rates"]
+    scores = LayerScores.from_dict(record["plan"]["scores"])
+    assert record["schedule"]["steps"] == 6 and all(0 < r <= 0.8 for r in rates)
+    low, high = min(scores, key=scores.get), max(scores, key=scores.get)
+    assert rates[low] > rates[high]
+    with pytest.raises(SystemExit):
+        main(["train", *args, "--schedule", "sometimes"])

@@ -17,10 +17,11 @@ import re
 from collections.abc import Iterable, Sequence
 
 from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .architecture import Architecture, Target, find_blocks, guess_role
+from .architecture import Architecture, Target, find_blocks, guess_role, weight_shape
 
 # Used only by `aletheia_lora_config` without a model: Llama-style names.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -161,7 +162,10 @@ def apply_aletheia_lora(
     Target modules are read from the architecture (every Linear/Conv1D of the block, 3-D
     MoE expert tensors via ``target_parameters``; routers only with ``include_router``)
     unless ``target_modules`` names them. Each given name must match an adaptable module
-    in the selected layers. The model itself is not modified.
+    in the selected layers. Keyword-only extras go to ``LoraConfig`` (``use_dora=True``,
+    ``use_rslora=True``, ``init_lora_weights="gaussian"``; DoRA is refused on MoE expert tensors).
+    Only the decoder blocks are adapted, also in a multimodal wrapper (see ``_anchor_on_blocks``).
+    The model itself is not modified.
     """
     refuse_peft_model(model)
     arch = find_blocks(model, layers_path)
@@ -193,7 +197,12 @@ def apply_aletheia_lora(
     modules = [t.name for t in chosen if t.is_module]
     parameters = [f"{arch.blocks_path}.{i}.{t.name}" for i in layers for t in chosen if not t.is_module]
     parameters = [p for p in parameters if _has_parameter(model, p)]
-    return aletheia_lora_config(
+    if lora_kwargs.get("use_dora") and parameters:
+        raise ValueError(
+            f"use_dora=True: PEFT has no DoRA for MoE expert tensors ({', '.join(parameters[:2])}, ...); name the "
+            f"linear modules to adapt with target_modules, or train without DoRA."
+        )
+    config = aletheia_lora_config(
         layers,
         r=r,
         lora_alpha=lora_alpha,
@@ -210,6 +219,33 @@ def apply_aletheia_lora(
         num_layers=arch.num_layers,
         **lora_kwargs,
     )
+    return _anchor_on_blocks(model, arch, config)
+
+
+def _anchor_on_blocks(model: nn.Module, arch: Architecture, config: LoraConfig) -> LoraConfig:
+    """``config`` adapting nothing outside ``arch``'s blocks.
+
+    PEFT matches ``layers_pattern`` as ``<pattern>.<index>.`` anywhere in a module's path, so on a multimodal
+    wrapper (blocks at ``model.language_model.layers``) the short pattern ``layers`` also picks the vision
+    tower's ``encoder.layers.<index>.self_attn.q_proj``. Where PEFT's own matcher finds such a module, the
+    pattern becomes the escaped block path (PEFT reads it as a regex), which only the language model's
+    blocks match; text-only models keep the short pattern."""
+    if config.layers_to_transform is None:
+        return config
+    inside = arch.blocks_path + "."
+
+    def stray() -> list[str]:
+        names = (name for name, _ in model.named_modules() if not name.startswith(inside))
+        return [name for name in names if check_target_module_exists(config, name)]
+
+    if stray():
+        config.layers_pattern = re.escape(arch.blocks_path)
+        left = stray()
+        if left:  # pragma: no cover - the escaped block path matches only the blocks
+            raise ValueError(
+                f"LoRA would also adapt {left[:3]} outside {arch.blocks_path}; pass layers_path."
+            )
+    return config
 
 
 def _has_parameter(model: nn.Module, path: str) -> bool:
@@ -218,6 +254,11 @@ def _has_parameter(model: nn.Module, path: str) -> bool:
         return isinstance(getattr(model.get_submodule(module_path), name, None), nn.Parameter)
     except AttributeError:
         return False
+
+
+def _out_features(module: nn.Module) -> int:
+    """A Linear's output features; a transformers Conv1D stores its weight as (in, out)."""
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
 
 
 def lora_param_count(model: nn.Module, lora_config: LoraConfig, arch: Architecture | None = None) -> int:
@@ -233,12 +274,14 @@ def lora_param_count(model: nn.Module, lora_config: LoraConfig, arch: Architectu
     for name in sorted(lora_config.target_modules or []):
         for i in layers:
             full = f"{prefix}.{i}.{name}"
-            module = arch.blocks[i].get_submodule(name)
-            weight = module.weight
+            # the layer's shape (a 4-bit weight is packed)
+            out_features, in_features = weight_shape(arch.blocks[i].get_submodule(name))
             rank = lora_config.rank_pattern.get(
                 get_pattern_key(lora_config.rank_pattern.keys(), full), lora_config.r
             )
-            total += rank * (weight.shape[0] + weight.shape[1])
+            total += rank * (out_features + in_features)
+            if lora_config.use_dora:  # DoRA's magnitude vector: one per output feature
+                total += _out_features(arch.blocks[i].get_submodule(name))
     for path in lora_config.target_parameters or []:
         module_path, _, pname = path.rpartition(".")
         param = getattr(model.get_submodule(module_path), pname)

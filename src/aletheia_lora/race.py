@@ -45,7 +45,15 @@ from .plan import machine_cost, planned_cost, run_probe, select, wrap_with_plan
 from .report import layer_spans, new_figure, render_table, save_png
 from .runs import check_output_dir, hardware, resumable_record, versions
 from .schedules import DropSchedule, FreezeSchedule, Schedule, drop_rates, scheduled_step_cost
-from .settings import AletheiaConfig, BudgetSettings, DataSettings, ModelSettings, OutputDirSettings, at_least
+from .settings import (
+    AletheiaConfig,
+    BudgetSettings,
+    DataSettings,
+    ModelSettings,
+    OutputDirSettings,
+    ScheduleTuning,
+    at_least,
+)
 from .suites import sample
 from .time_to_target import TARGETS, common_grid, equal_steps, seed_times, spread, summarize_arm
 from .timing import optimizer_step
@@ -96,7 +104,7 @@ def race_arm(name: str) -> RaceArm:
 
 
 @dataclass(kw_only=True)
-class RaceArguments(ModelSettings, BudgetSettings, OutputDirSettings):
+class RaceArguments(ModelSettings, BudgetSettings, ScheduleTuning, OutputDirSettings):
     """Settings of ``aletheia-lora race``; every field is a flag of the same name."""
 
     gsm8k_dir: str | None = field(
@@ -128,18 +136,6 @@ class RaceArguments(ModelSettings, BudgetSettings, OutputDirSettings):
     probe_batches: int = field(default=5, metadata={"help": "Gradient-probe batches."})
     test_limit: int = field(default=40, metadata={"help": "Held-out rows for the loss."})
     eval_batch_size: int = field(default=8, metadata={"help": "Rows per evaluation forward pass."})
-    freeze_interval: int = field(default=8, metadata={"help": "freeze: steps per statistic interval."})
-    freeze_threshold: float = field(
-        default=0.25, metadata={"help": "freeze: relative change of a block's gradient statistic below which it "
-                                        "counts as converged."}
-    )  # fmt: skip
-    freeze_min_steps: int = field(default=24, metadata={"help": "freeze: no block freezes before this step."})
-    freeze_max_frozen: float = field(
-        default=0.5, metadata={"help": "freeze: largest share of blocks frozen."}
-    )
-    max_drop_rate: float = field(
-        default=0.8, metadata={"help": "drop: no block's backward dropped more often."}
-    )
     resume: bool = field(default=False, metadata={"help": "Keep the seeds an earlier run with the same settings "
                                                           "finished."})  # fmt: skip
 
@@ -157,8 +153,8 @@ class RaceArguments(ModelSettings, BudgetSettings, OutputDirSettings):
             raise ValueError("seeds=[]; give at least one seed, e.g. --seeds 0 1 2.")
         self.seeds = list(dict.fromkeys(self.seeds))
         at_least(self, 1, "steps", "eval_every", "batch_size", "max_length", "r", "probe_batches", "test_limit",
-                 "eval_batch_size", "freeze_interval")  # fmt: skip
-        at_least(self, 0, "warmup_steps", "freeze_min_steps")
+                 "eval_batch_size")  # fmt: skip
+        at_least(self, 0, "warmup_steps")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate}; it must be > 0.")
         if (self.gsm8k_dir is None) == (self.data is None):

@@ -8,12 +8,14 @@ composed by inheritance, plus its own fields:
 =====================  ===================================================================
 group                  fields
 =====================  ===================================================================
-``ModelSettings``      model, dtype, trust_remote_code
+``ModelSettings``      model, dtype, trust_remote_code, load_in_4bit/8bit and the bnb_4bit_* flags
 ``DataSettings``      data, format, max_length, ... (what ``train`` and ``probe`` read)
 ``BudgetSettings``     top_pct, top_k, target_speedup (how many layers get LoRA)
 ``ProbeSettings``      probe_batches, probe_batch_size, probe_max_length, probe_params, probe_method, score
-``LoraSettings``       r, lora_alpha, attention_r, mlp_r, mlp_rank_factor, alphas, dropout, targets
+``LoraSettings``       r, lora_alpha, attention_r, mlp_r, mlp_rank_factor, alphas, dropout, targets, DoRA, rsLoRA, init
 ``OutputSettings``     overwrite_output_dir, quiet (``OutputDirSettings``: + output_dir)
+``ScheduleTuning``     freeze_interval, freeze_threshold, freeze_min_steps, freeze_max_frozen, max_drop_rate
+``ScheduleSettings``   + schedule (static, freeze, drop), drop_target_speedup (``train``)
 =====================  ===================================================================
 
 ``AletheiaConfig`` (probe + selection + LoRA, the settings of :func:`prepare_model`) is
@@ -44,6 +46,25 @@ DTYPES = {
     "fp32": "float32",
     "float32": "float32",
 }
+# --init_lora_weights -> PEFT's init_lora_weights: the initializations that need no data and leave the base weights
+# as they are (PEFT 0.21, peft/tuners/lora/config.py). The others are refused, each with its reason.
+INIT_LORA_WEIGHTS: dict[str, bool | str] = {
+    "true": True,
+    "false": False,
+    "gaussian": "gaussian",
+    "orthogonal": "orthogonal",
+}
+_REFUSED_INITS = {
+    "pissa": "PiSSA rewrites the base weights, so the adapter aletheia-lora saves would not load on the original base",
+    "olora": "OLoRA rewrites the base weights, so the adapter aletheia-lora saves would not load on the original base",
+    "loftq": "LoftQ needs a loftq_config (it quantizes the base itself), which aletheia-lora does not pass",
+    "eva": "EVA initializes from activations of the training data, which aletheia-lora does not pass to PEFT",
+    "corda": "CorDA initializes from activations of the training data, which aletheia-lora does not pass to PEFT",
+    "lora_ga": "LoRA-GA initializes from gradients of the training data, which aletheia-lora does not pass to PEFT",
+    "mica": "MiCA freezes B and trains A alone, which the probe's ranks and the parameter counts do not model",
+}
+# bitsandbytes' 4-bit data types (--bnb_4bit_quant_type).
+QUANT_TYPES = ("nf4", "fp4")
 
 
 class Settings:
@@ -87,10 +108,50 @@ class ModelSettings(Settings):
                   "on a GPU, fp32 on a CPU)."},
     )  # fmt: skip
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the base model's linear weights in 4 bits (bitsandbytes; pip install "
+                  "'aletheia-lora[qlora]'), prepared with PEFT's prepare_model_for_kbit_training."},
+    )  # fmt: skip
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base model's linear weights in 8 bits (bitsandbytes)."}
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 or fp4.", "choices": list(QUANT_TYPES)}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit scales too (double quantization)."}
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype the 4-bit layers compute in: bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on "
+                  "a CPU)."},
+    )  # fmt: skip
 
     def _check(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; use one of {sorted(DTYPES)}.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both set; pass one of them.")
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise ValueError(
+                f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r}; use one of {list(QUANT_TYPES)}."
+            )
+        if (
+            self.bnb_4bit_compute_dtype is not None
+            and DTYPES.get(self.bnb_4bit_compute_dtype, "auto") == "auto"
+        ):
+            raise ValueError(
+                f"bnb_4bit_compute_dtype={self.bnb_4bit_compute_dtype!r}; use bf16, fp16 or fp32."
+            )
+
+    def quantization_kwargs(self) -> dict[str, Any]:
+        """The quantization keyword arguments of :func:`aletheia_lora.models.load_model` (empty: none)."""
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return {}
+        compute = None if self.bnb_4bit_compute_dtype is None else DTYPES[self.bnb_4bit_compute_dtype]
+        return {"quantization": "4bit" if self.load_in_4bit else "8bit", "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+                "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant, "bnb_4bit_compute_dtype": compute}  # fmt: skip
 
     @property
     def torch_dtype_name(self) -> str | None:
@@ -206,12 +267,38 @@ class LoraSettings(Settings):
         default=True,
         metadata={"help": "Never back-propagate below the lowest adapted layer (same results, less work)."},
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA (PEFT use_dora): each adapted weight also trains a magnitude vector "
+                  "(weight-decomposed LoRA). Not for MoE expert tensors."},
+    )  # fmt: skip
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "rsLoRA (PEFT use_rslora): scale each update by alpha / sqrt(rank) instead of alpha / rank."},
+    )  # fmt: skip
+    init_lora_weights: str = field(
+        default="true",
+        metadata={"help": "PEFT init_lora_weights: 'true' (B = 0, the adapter starts as a no-op), 'gaussian', "
+                  "'orthogonal' (even ranks only) or 'false' (random A and B, for debugging). Initializations that "
+                  "need data or rewrite the base weights (pissa, olora, loftq, eva, corda) are refused."},
+    )  # fmt: skip
 
     def _check(self) -> None:
         at_least(self, 1, "r")
         at_least(self, 1, "attention_r", "mlp_r", unset_ok=True)
         if not self.mlp_rank_factor > 0:
             raise ValueError(f"mlp_rank_factor={self.mlp_rank_factor}; it must be > 0 (1 = uniform ranks).")
+        init = self.init_lora_weights
+        if init not in INIT_LORA_WEIGHTS:
+            why = _REFUSED_INITS.get(str(init).split("_niter_")[0], "it is not one of PEFT's initializations")
+            raise ValueError(f"init_lora_weights={init!r}: {why}; use one of {list(INIT_LORA_WEIGHTS)}.")
+        ranks = {"r": self.r, "attention_r": self.attention_r or self.r, "mlp_r": self.effective_mlp_r}
+        odd = {k: v for k, v in ranks.items() if v % 2} if init == "orthogonal" else {}
+        if odd:
+            raise ValueError(
+                f"init_lora_weights='orthogonal' needs even ranks; these are odd: {odd}. Set even r / attention_r / "
+                f"mlp_r, or use --init_lora_weights gaussian."
+            )
 
     @property
     def effective_mlp_r(self) -> int:
@@ -230,6 +317,9 @@ class LoraSettings(Settings):
             lora_dropout=self.lora_dropout,
             target_modules=self.target_modules,
             layers_path=self.layers_path,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            init_lora_weights=INIT_LORA_WEIGHTS[self.init_lora_weights],
         )
 
 
@@ -356,7 +446,65 @@ class DataSettings(Settings):
 
 
 @dataclass(kw_only=True)
-class RunSettings(OutputSettings):
+class ScheduleTuning(Settings):
+    """How the over-the-run schedules (``schedules.py``) decide: shared by ``train`` and ``race``."""
+
+    freeze_interval: int = field(
+        default=8, metadata={"help": "freeze: optimizer steps per statistic interval."}
+    )
+    freeze_threshold: float = field(
+        default=0.25,
+        metadata={"help": "freeze: a block counts as converged when its adapter-gradient statistic changes by less "
+                  "than this share between two intervals."},
+    )  # fmt: skip
+    freeze_min_steps: int = field(default=24, metadata={"help": "freeze: no block freezes before this step."})
+    freeze_max_frozen: float = field(
+        default=0.5, metadata={"help": "freeze: the largest share of the adapted blocks that may freeze."}
+    )
+    max_drop_rate: float = field(
+        default=0.8, metadata={"help": "drop: no block's backward is skipped with a higher probability."}
+    )
+
+    def _check(self) -> None:
+        at_least(self, 1, "freeze_interval")
+        at_least(self, 0, "freeze_min_steps")
+        if not self.freeze_threshold > 0:
+            raise ValueError(f"freeze_threshold={self.freeze_threshold}; it must be > 0 (e.g. 0.25).")
+        if not 0 < self.freeze_max_frozen < 1:
+            raise ValueError(
+                f"freeze_max_frozen={self.freeze_max_frozen}; it must be a share in (0, 1), e.g. 0.5."
+            )
+        if not 0 <= self.max_drop_rate <= 1:
+            raise ValueError(f"max_drop_rate={self.max_drop_rate}; it must be a probability in [0, 1].")
+
+
+SCHEDULE_CHOICES = ("static", "freeze", "drop")
+
+
+@dataclass(kw_only=True)
+class ScheduleSettings(ScheduleTuning):
+    """``train --schedule``: what changes over the run (docs/method.md, "Over the run")."""
+
+    schedule: str = field(
+        default="static",
+        metadata={"help": "static: the selected layers train throughout (the published method); freeze: a "
+                  "converged bottom prefix of them stops training and the backward gets shorter; drop: each "
+                  "step skips some blocks' backward, low-scoring blocks more often (see `aletheia-lora race` "
+                  "for what each bought on our runs).", "choices": list(SCHEDULE_CHOICES)},
+    )  # fmt: skip
+    drop_target_speedup: float = field(
+        default=1.3, metadata={"help": "drop: the predicted step speedup the drop rates aim at (> 1)."}
+    )
+
+    def _check(self) -> None:
+        if self.schedule not in SCHEDULE_CHOICES:
+            raise ValueError(f"schedule={self.schedule!r}; use one of {list(SCHEDULE_CHOICES)}.")
+        if not self.drop_target_speedup > 1:
+            raise ValueError(f"drop_target_speedup={self.drop_target_speedup}; it must be > 1, e.g. 1.3.")
+
+
+@dataclass(kw_only=True)
+class RunSettings(OutputSettings, ScheduleSettings):
     """``train``'s own switches (its output folder is TrainingArguments' ``output_dir``)."""
 
     merge: bool = field(default=False, metadata={"help": "Also save the merged model to OUTPUT_DIR/merged."})
@@ -370,6 +518,8 @@ class RunSettings(OutputSettings):
 
 __all__ = [
     "DTYPES",
+    "INIT_LORA_WEIGHTS",
+    "QUANT_TYPES",
     "AletheiaConfig",
     "BudgetSettings",
     "DataSettings",
@@ -380,7 +530,10 @@ __all__ = [
     "OutputSettings",
     "ProbeSettings",
     "RunSettings",
+    "SCHEDULE_CHOICES",
     "SCORES",
+    "ScheduleSettings",
+    "ScheduleTuning",
     "Settings",
     "at_least",
 ]

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
-from .callbacks import NonFiniteGuard, StepTimer
+from .callbacks import NonFiniteGuard, StepTimer, plan_to_tensorboard
 from .card import CARD_FILE, write_card
 from .data import DataCollator, PreparedData, prepare_data
 from .evaluation import ProgressLog, evaluate_task
@@ -36,11 +36,19 @@ from .export import EXPORT_FILES, check_format
 from .hub import prepare_hub_repo, push_folder
 from .io import atomic_write_text
 from .models import base_model_reference, load_model
-from .plan import AletheiaPlan, plan_for, prepare_model, probe_and_select, wrap_with_plan
+from .plan import AletheiaPlan, plan_for, planned_cost, prepare_model, probe_and_select, wrap_with_plan
 from .probe import agree_across_ranks
 from .report import exact_match_note, plot_layer_scores, plot_loss, terminal_bar_chart, write_report
 from .runs import PLAN_FILE, check_output_dir, default_output_dir, save_adapter, versions
-from .settings import AletheiaConfig, DataSettings, ModelSettings, RunSettings
+from .schedules import (
+    DropSchedule,
+    FreezeSchedule,
+    Schedule,
+    ScheduleCallback,
+    checkpoint_schedule_state,
+    drop_rates,
+)
+from .settings import AletheiaConfig, DataSettings, ModelSettings, RunSettings, ScheduleSettings
 from .truncation import TruncatedBackwardCallback
 
 
@@ -164,7 +172,10 @@ def probe_job(
     )
     main_process = _is_main_process()
     model, tokenizer = load_model(
-        model_args.model, dtype=model_args.torch_dtype_name, trust_remote_code=model_args.trust_remote_code
+        model_args.model,
+        dtype=model_args.torch_dtype_name,
+        trust_remote_code=model_args.trust_remote_code,
+        **model_args.quantization_kwargs(),
     )
     if torch.cuda.is_available():
         model.to(f"cuda:{torch.cuda.current_device()}")
@@ -232,6 +243,7 @@ def train_job(
             model_args.model,
             dtype=model_args.torch_dtype_name,
             trust_remote_code=model_args.trust_remote_code,
+            **model_args.quantization_kwargs(),
         )
     model.to(training_args.device)  # probe where training runs (each rank: its own device)
     data = prepare_data(data_args, tokenizer, training_args.seed)
@@ -306,13 +318,24 @@ def train_job(
     say(f"evaluated in {eval_seconds:.0f} s")
     timer = StepTimer()
     guard = NonFiniteGuard(skip=run.skip_nonfinite_steps)
+    schedule = over_the_run(run, plan, model, training_args, data_args.max_length, resume)
+    if schedule is not None:
+        say(f"schedule: {run.schedule} ({_schedule_words(schedule)})")
+        if training_args.ddp_find_unused_parameters is None:  # frozen or dropped blocks get no gradient
+            training_args.ddp_find_unused_parameters = True
     trainer = Trainer(
         model=peft_model,
         args=training_args,
         train_dataset=data.train,
         data_collator=DataCollator(tokenizer.pad_token_id),
-        callbacks=[timer, TruncatedBackwardCallback(), guard],
+        callbacks=[
+            timer,
+            TruncatedBackwardCallback(),
+            guard,
+            *([ScheduleCallback(schedule)] if schedule else []),
+        ],
     )
+    plan_to_tensorboard(trainer, plan, timer)  # --report_to tensorboard: scores, selection, speed in the run
     done = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")) if resume else None
     try:
         if done is not None and 0 < training_args.max_steps <= done.global_step:
@@ -366,6 +389,7 @@ def train_job(
             "final_train_loss": train_losses[-1] if train_losses else run_mean_loss,
             "mean_train_loss": run_mean_loss,
             "skipped_nonfinite_steps": guard.skipped,
+            "schedule": schedule.state_dict() if schedule is not None else None,
             "metrics_before": before,
             "metrics_after": after,
             "eval_seconds": eval_seconds,
@@ -425,6 +449,61 @@ def train_job(
         "scores": plan.scores,
         "main_process": main_process,
     }
+
+
+def over_the_run(
+    run: ScheduleSettings,
+    plan: AletheiaPlan,
+    model: torch.nn.Module,
+    training_args: TrainingArguments,
+    max_length: int,
+    resume: str | None,
+) -> Schedule | None:
+    """The schedule ``--schedule`` asks for over the plan's layers (None for ``static``), with the state of the
+    checkpoint it resumes from. Drop rates come from the probe's scores and the plan's cost model at the
+    training batch shape (FLOPs with the H200 factors: ``drop_target_speedup`` is a prediction, not a measure)."""
+    saved = checkpoint_schedule_state(resume) if resume else None
+    if resume and (saved or {}).get("kind", "static") != run.schedule:
+        raise ValueError(
+            f"--schedule {run.schedule} but the checkpoint {resume} was trained with schedule "
+            f"{(saved or {}).get('kind', 'static')}; resume with the schedule it started with."
+        )
+    if run.schedule == "static":
+        return None
+    if run.schedule == "freeze":
+        schedule: Schedule = FreezeSchedule(
+            interval=run.freeze_interval,
+            threshold=run.freeze_threshold,
+            min_steps=run.freeze_min_steps,
+            max_frozen=run.freeze_max_frozen,
+            layers_path=plan.config.layers_path,
+        )
+    else:
+        cost = planned_cost(
+            model, plan.config, batch_size=training_args.per_device_train_batch_size, seq_len=max_length
+        )
+        rates, _ = drop_rates(
+            [plan.scores.get(i, 0.0) for i in range(plan.num_layers)],
+            plan.selected_layers,
+            cost,
+            target_speedup=run.drop_target_speedup,
+            max_rate=run.max_drop_rate,
+        )
+        schedule = DropSchedule(rates, seed=training_args.seed, layers_path=plan.config.layers_path)
+    if saved:
+        schedule.load_state_dict(saved)
+    return schedule
+
+
+def _schedule_words(schedule: Schedule) -> str:
+    if isinstance(schedule, FreezeSchedule):
+        return (
+            f"every {schedule.interval} steps from step {schedule.min_steps}, a bottom prefix whose gradient "
+            f"statistic changed by less than {schedule.threshold:.0%} stops training, up to "
+            f"{schedule.max_frozen:.0%} of the adapted blocks"
+        )
+    active = [r for r in schedule.rates if r > 0]
+    return f"each step skips a block's backward with probability {min(active):.2f}-{max(active):.2f}"
 
 
 def load_plan(output_dir: str | os.PathLike) -> AletheiaPlan:
