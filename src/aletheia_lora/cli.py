@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").addFilter(
         lambda record: "Setting accelerator to" not in record.getMessage()
     )
+    # bitsandbytes (installed with the qlora extra, imported by PEFT) looks for an optional CPU kernel on the Hub
+    # when it loads and, offline, says it fell back to its own; not actionable either
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).addFilter(lambda record: "kernels-community" not in record.getMessage())
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -337,44 +337,54 @@ def race_seed(
 # --------------------------------------------------------------------------- analysis
 
 
+def _curves(runs: dict[str, dict], clock: str) -> dict[str, dict[str, list]]:
+    """Each arm's held-out loss against ``clock``: ``wall`` (training seconds, the probe's included),
+    ``train`` (training seconds only) or ``h200`` (projected H200 time in all-layer steps, probe included)."""
+
+    def times(r: dict) -> list[float]:
+        if clock == "h200":
+            return r["h200_units"]
+        return [(r["probe_seconds"] if clock == "wall" else 0.0) + t for t in r["train_seconds"]]
+
+    return {a: {"train_seconds": times(r), "heldout_loss": r["heldout_loss"]} for a, r in runs.items()}
+
+
+CLOCKS = ("wall", "train", "h200")
+
+
+def _h200_steps(run: dict) -> float:
+    """The run's projected H200 training time without the probe, in all-layer steps."""
+    return run["h200_units"][-1] - (run["h200_units"][0] if run["steps"][0] == 0 else 0.0)
+
+
 def analyse(record: dict[str, Any]) -> dict[str, Any]:
-    """Per seed and arm: times to each target and speedups over lora-all, measured and H200-projected; per arm:
-    their spread over seeds and the equal-steps loss gap."""
+    """Per seed and arm: times to each target and speedups over lora-all on each clock (:data:`CLOCKS`); per
+    arm: their spread over seeds, the equal-steps loss gap and the equal-steps time ratio."""
     by_seed: dict[int, dict[str, dict]] = {}
     for run in record["runs"]:
         by_seed.setdefault(run["seed"], {})[run["arm"]] = run
-    per_seed, projected, gaps = {}, {}, {}
-    for seed, runs in sorted(by_seed.items()):
-        if REFERENCE not in runs:
-            continue
-        curves = {a: {"train_seconds": [r["probe_seconds"] + t for t in r["train_seconds"]],
-                      "heldout_loss": r["heldout_loss"]} for a, r in runs.items()}  # fmt: skip
-        per_seed[seed] = seed_times(curves, REFERENCE)
-        gaps[seed] = equal_steps(curves, REFERENCE)
-        if record.get("h200_cost"):
-            h200 = {a: {"train_seconds": r["h200_units"], "heldout_loss": r["heldout_loss"]}
-                    for a, r in runs.items() if "h200_units" in r}  # fmt: skip
-            projected[seed] = seed_times(h200, REFERENCE)
+    by_seed = {s: runs for s, runs in sorted(by_seed.items()) if REFERENCE in runs}
+    per_seed = {
+        clock: {s: seed_times(_curves(runs, clock), REFERENCE) for s, runs in by_seed.items()}
+        for clock in CLOCKS
+    }
     arms = list(dict.fromkeys(a for runs in by_seed.values() for a in runs))
     summary: dict[str, Any] = {}
     for arm in arms:
-        seeds = [s for s in per_seed if arm in per_seed[s]]
+        seeds = [s for s in by_seed if arm in by_seed[s]]
         summary[arm] = {
-            "measured": {t: summarize_arm([per_seed[s][arm] for s in seeds], t) for t in TARGETS},
-            "equal_steps_pct": spread([gaps[s][arm] for s in seeds]),
-            "step_speedup": spread(
-                [
-                    by_seed[s][REFERENCE]["median_step_seconds"] / by_seed[s][arm]["median_step_seconds"]
-                    for s in seeds
-                ]
-            ),
+            clock: {t: summarize_arm([per_seed[clock][s][arm] for s in seeds], t) for t in TARGETS}
+            for clock in CLOCKS
         }
-        pseeds = [s for s in projected if arm in projected[s]]
-        if pseeds:
-            summary[arm]["h200_projected"] = {
-                t: summarize_arm([projected[s][arm] for s in pseeds], t) for t in TARGETS
-            }
-    return {"per_seed": {str(s): v for s, v in per_seed.items()}, "arms": summary}
+        summary[arm]["equal_steps_pct"] = spread([equal_steps(_curves(by_seed[s], "train"), REFERENCE)[arm]
+                                                  for s in seeds])  # fmt: skip
+        summary[arm]["step_speedup"] = spread(
+            [sum(by_seed[s][REFERENCE]["step_seconds"]) / sum(by_seed[s][arm]["step_seconds"]) for s in seeds]
+        )
+        summary[arm]["h200_step_speedup"] = spread(
+            [_h200_steps(by_seed[s][REFERENCE]) / _h200_steps(by_seed[s][arm]) for s in seeds]
+        )
+    return {"per_seed": {c: {str(s): v for s, v in d.items()} for c, d in per_seed.items()}, "arms": summary}
 
 
 def project_h200(run: dict[str, Any], cost: CostModel, probe_units: float) -> list[float]:
@@ -487,20 +497,25 @@ def _pct(s: dict[str, Any]) -> str:
     return f"{s['mean']:+.1f}%{sd}"
 
 
-def markdown_table(record: dict[str, Any]) -> str:
-    """Per arm: time-to-target speedups over lora-all (mean +- se over seeds; * = faster beyond 2 se), the
-    step-time speedup, and the held-out loss gap at equal steps."""
+def markdown_table(record: dict[str, Any], clock: str = "wall") -> str:
+    """Per arm: time-to-target speedups over lora-all on ``clock`` (mean +- se over seeds; * = faster beyond
+    2 se), the step-time speedup at equal steps, and the held-out loss gap at equal steps."""
     arms = record.get("analysis", {}).get("arms", {})
-    header = ["arm", "to final loss", "to 95%", "to 90%", "per step", "equal steps", "H200 proj. to final"]
-    rows = []
-    for name, a in arms.items():
-        proj = a.get("h200_projected", {}).get("final", {})
-        rows.append([
-            name, *(_speed(a["measured"][t]) for t in TARGETS),
-            f"{a['step_speedup']['mean']:.2f}x" if a["step_speedup"]["mean"] else "",
-            _pct(a["equal_steps_pct"]), _speed(proj) if proj else "",
-        ])  # fmt: skip
+    header = ["arm", "to final loss", "to 95%", "to 90%", "time per step", "loss at equal steps"]
+    rows = [
+        [
+            name,
+            *(_speed(a[clock][t]) for t in TARGETS),
+            _ratio(a["h200_step_speedup" if clock == "h200" else "step_speedup"]),
+            _pct(a["equal_steps_pct"]),
+        ]
+        for name, a in arms.items()
+    ]
     return render_table(header, rows)
+
+
+def _ratio(s: dict[str, Any]) -> str:
+    return f"{s['mean']:.2f}x" if s.get("mean") is not None else ""
 
 
 def markdown_report(record: dict[str, Any]) -> str:
@@ -516,12 +531,32 @@ def markdown_report(record: dict[str, Any]) -> str:
         "",
         "Speedup = lora-all's training time to the target / the arm's (probe included), mean +- standard error "
         "over seeds; * marks an arm faster beyond 2 standard errors. Targets: lora-all's final held-out loss, and "
-        "95% / 90% of its total improvement. Equal steps: final held-out loss vs lora-all's, in percent. The H200 "
-        "column is a projection (the shipped H200 cost model's step costs, not a GPU run).",
-        "",
-        markdown_table(record) if record.get("analysis") else "(no finished seed yet)",
+        "95% / 90% of its total improvement. Time per step: lora-all's training time over the arm's for the same "
+        "steps. Loss at equal steps: final held-out loss vs lora-all's, in percent.",
         "",
     ]
+    if record.get("analysis"):
+        lines += [
+            "## Measured: training time on this machine, the probe's time included",
+            "",
+            markdown_table(record, "wall"),
+            "",
+            "## Measured: training time alone (the probe not counted)",
+            "",
+            markdown_table(record, "train"),
+            "",
+            "## Projected to an H200 (not measured)",
+            "",
+            "Every step's cost by the shipped H200 cost model (FLOPs with its LoRA factor) for the blocks whose "
+            f"backward ran in that step; the probe counted as {record['settings']['probe_batches']} all-layer steps. "
+            "A projection until a GPU run replaces it.",
+            "",
+            markdown_table(record, "h200"),
+            "",
+        ]
+    else:
+        lines += ["(no finished seed yet)", ""]
+    lines += ["## Runs", ""]
     for run in sorted(record["runs"], key=lambda r: (r["seed"], r["arm"])):
         extra = ""
         if run.get("schedule", {}).get("kind") == "freeze":
@@ -539,6 +574,7 @@ def plot_race(record: dict[str, Any], path: str | Path) -> None:
     """Held-out loss against training seconds, one line per arm (mean over seeds, seeds' range shaded), and
     against steps; lora-all's final loss dashed."""
     fig = new_figure((12, 4.5))
+    fig.set_layout_engine("constrained")
     ax_t, ax_s = fig.subplots(1, 2)
     arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
     for i, arm in enumerate(arms):
@@ -562,7 +598,6 @@ def plot_race(record: dict[str, Any], path: str | Path) -> None:
     fig.suptitle(
         f"{record['model']} on {record['data']['name']}: time to all-layer LoRA's final loss (dashed)"
     )
-    fig.tight_layout()
     save_png(fig, path)
 
 
