@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument(
         "--random_init", default=None, help="a preset shape instead of --model (e.g. smollm2-135m)"
     )
+    parser.add_argument("--num_layers", type=int, default=None, help="with --random_init: blocks to build")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per arm and round")
@@ -53,7 +54,7 @@ def main() -> None:
 
     if args.random_init:
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(preset_config(args.random_init))
+        base = AutoModelForCausalLM.from_config(preset_config(args.random_init, num_layers=args.num_layers))
     else:
         base = load_base(ModelSettings(model=args.model))[0]
     config = AletheiaConfig(r=16, lora_alpha=32, mlp_rank_factor=1)

@@ -212,7 +212,7 @@ def load_race_task(args: RaceArguments, tokenizer) -> tuple[list[dict], list[dic
     train = tokenize_dataset(load_data(str(folder / "train.jsonl")), tokenizer, format="question_answer",
                              max_length=args.max_length)  # fmt: skip
     test = sample(load_data(str(folder / "test.jsonl")), args.test_limit, args.seeds[0])
-    heldout = tokenize_dataset(test, tokenizer, format="question_answer", max_length=4 * args.max_length)
+    heldout = tokenize_dataset(test, tokenizer, format="question_answer", max_length=2 * args.max_length)
     return train, heldout, {"name": "GSM8K", "format": "question_answer"}
 
 
