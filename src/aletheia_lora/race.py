@@ -601,4 +601,4 @@ def plot_race(record: dict[str, Any], path: str | Path) -> None:
     save_png(fig, path)
 
 
-__all__ = ["DEFAULT_ARMS", "RaceArguments", "RaceArm", "analyse", "race_arm", "run_race"]
+__all__ = ["CLOCKS", "DEFAULT_ARMS", "RaceArguments", "RaceArm", "analyse", "race_arm", "run_race"]
