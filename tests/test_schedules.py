@@ -331,3 +331,72 @@ def test_train_with_a_drop_schedule_skips_low_scoring_blocks_more(tmp_path):
     assert rates[low] > rates[high]
     with pytest.raises(SystemExit):
         main(["train", *args, "--schedule", "sometimes"])
+
+
+ACCELERATE_SCRIPT = """
+import hashlib, json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+import transformers as T
+from conftest import tiny_model, token_rows
+from peft import get_peft_model
+from aletheia_lora import apply_aletheia_lora
+from aletheia_lora.data import DataCollator
+from aletheia_lora.schedules import DropSchedule, FreezeSchedule, ScheduleCallback
+from aletheia_lora.truncation import TruncatedBackwardCallback, truncate_backward
+
+torch.set_num_threads(1)
+out = {{}}
+for kind in ("freeze", "drop"):
+    args = T.TrainingArguments(
+        output_dir=os.path.join({out!r}, kind), use_cpu=True, max_steps=8, seed=0,
+        per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, ddp_find_unused_parameters=True,
+    )
+    base = tiny_model("llama", num_layers=6)
+    torch.manual_seed(0)
+    model = get_peft_model(base, apply_aletheia_lora(base, list(range(6)), r=4))
+    truncate_backward(model)
+    if kind == "freeze":
+        schedule = FreezeSchedule(interval=2, threshold=0.35, min_steps=2, max_frozen=0.75)
+    else:
+        schedule = DropSchedule([0.5] * 6, seed=3)
+    trainer = T.Trainer(model=model, args=args, train_dataset=token_rows(64, seed=5), data_collator=DataCollator(0),
+                        callbacks=[TruncatedBackwardCallback(), ScheduleCallback(schedule)])
+    trainer.train()
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if "lora_" in name:
+            digest.update(p.detach().double().numpy().tobytes())
+    out[kind] = {{"state": schedule.state_dict(), "lora_sha256": digest.hexdigest(),
+                 "wrapped": type(trainer.model_wrapped).__name__}}
+with open(os.path.join({out!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_under_accelerate_ddp_every_rank_freezes_and_drops_the_same_blocks(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ranks import TESTS, TIMEOUT, clean_exit_argv, free_port, rank_env
+
+    script = tmp_path / "script.py"
+    script.write_text(ACCELERATE_SCRIPT.format(tests=str(TESTS), out=str(tmp_path)))
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           *clean_exit_argv(script)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=rank_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    for kind in ("freeze", "drop"):
+        assert r0[kind]["wrapped"] == "DistributedDataParallel"
+        assert r0[kind]["state"] == r1[kind]["state"], kind  # the same decisions at the same steps
+        assert r0[kind]["lora_sha256"] == r1[kind]["lora_sha256"], kind  # and the same adapters
+    assert r0["freeze"]["state"]["frozen"] > 0, r0["freeze"]["state"]["history"]
+    assert r0["drop"]["state"]["steps"] == 8 and sum(r0["drop"]["state"]["counts"]) > 0

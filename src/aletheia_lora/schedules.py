@@ -314,6 +314,7 @@ class DropSchedule:
         self.counts = [0] * len(self.rates)
         self.steps = 0
         self._handles: list[Any] = []
+        self._params: dict[int, list[nn.Parameter]] = {}
 
     def attach(self, model: nn.Module) -> None:
         self.detach()
@@ -322,6 +323,7 @@ class DropSchedule:
             raise ValueError(
                 f"{len(self.rates)} drop rates for a model with {len(blocks)} blocks; give one per block."
             )
+        self._params = {i: _adapter_params(block) for i, block in enumerate(blocks) if self.rates[i] > 0}
         for i, block in enumerate(blocks):
             if self.rates[i] > 0:
                 self._handles += [
@@ -339,6 +341,13 @@ class DropSchedule:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         draws = torch.rand(len(self.rates), generator=g).tolist()
         return frozenset(i for i, (u, r) in enumerate(zip(draws, self.rates)) if u < r)
+
+    def clear_dropped_grads(self) -> None:
+        """Clear any gradient a block skipped this step still holds (a DDP reducer may have written zeros),
+        so the optimizer skips its adapters as it does in a single process."""
+        for i in self.dropped:
+            for p in self._params.get(i, ()):
+                p.grad = None
 
     def step_begin(self, step: int) -> None:
         self.dropped = self.decisions(step)
@@ -422,6 +431,8 @@ class ScheduleCallback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if isinstance(self.schedule, FreezeSchedule):
             self.schedule.drop_frozen_grads()
+        elif isinstance(self.schedule, DropSchedule):
+            self.schedule.clear_dropped_grads()
 
     def on_step_end(self, args, state, control, **kwargs):
         if isinstance(self.schedule, FreezeSchedule):
