@@ -74,7 +74,8 @@ def test_arm_names_and_bad_ones():
     assert race_arm("drop@1.3x").schedule == "drop" and race_arm("drop@1.3x").target == 1.3
     assert race_arm("depth-aware@1.5x").strategy == "depth-aware" and race_arm("depth-aware@1.5x").probed
     assert not race_arm("freeze").probed and race_arm("top").probed
-    for bad in ("drop@1x", "drop", "random"):
+    assert race_arm("freeze@0.6").threshold == 0.6 and race_arm("freeze@0.6").schedule == "freeze"
+    for bad in ("drop@1x", "drop", "random", "freeze@0", "freeze@x"):
         with pytest.raises(ValueError, match=f"arm {bad!r} is unknown"):
             race_arm(bad)
 

@@ -62,17 +62,20 @@ REFERENCE = "lora-all"
 DEFAULT_ARMS = (REFERENCE, "top", "depth-aware@1.3x", "freeze", "drop@1.3x")
 FILES = ("summary.json", "race.md", "race.png")
 _TARGETED = re.compile(r"^(depth-aware|drop)@(\d+(?:\.\d+)?)x$")
+_FREEZE_AT = re.compile(r"^freeze@(\d*\.?\d+)$")  # freeze@0.6: the freeze arm at another threshold
 
 
 @dataclass(frozen=True)
 class RaceArm:
     """``strategy``: how the adapted layers are picked (None: every layer); ``schedule``: what changes over
-    the run (``freeze``, ``drop``); ``target``: the predicted step speedup a cut or a drop rate aims at."""
+    the run (``freeze``, ``drop``); ``target``: the predicted step speedup a cut or a drop rate aims at;
+    ``threshold``: a freeze arm's own ``freeze_threshold`` (``freeze@0.6``)."""
 
     name: str
     strategy: str | None = None
     schedule: str | None = None
     target: float | None = None
+    threshold: float | None = None
 
     @property
     def probed(self) -> bool:
@@ -81,7 +84,7 @@ class RaceArm:
 
 
 def race_arm(name: str) -> RaceArm:
-    """The arm called ``name``: lora-all, top, freeze, depth-aware@Tx or drop@Tx (T > 1)."""
+    """The arm called ``name``: lora-all, top, freeze, freeze@THRESHOLD, depth-aware@Tx or drop@Tx (T > 1)."""
     fixed = {
         REFERENCE: RaceArm(REFERENCE),
         "top": RaceArm("top", "top"),
@@ -89,11 +92,14 @@ def race_arm(name: str) -> RaceArm:
     }
     if name in fixed:
         return fixed[name]
+    freeze_at = _FREEZE_AT.match(name)
+    if freeze_at and float(freeze_at.group(1)) > 0:
+        return RaceArm(name, None, "freeze", threshold=float(freeze_at.group(1)))
     match = _TARGETED.match(name)
     if match is None or not float(match.group(2)) > 1:
         raise ValueError(
-            f"arm {name!r} is unknown; use {', '.join(fixed)}, depth-aware@TARGETx or drop@TARGETx with a target "
-            f"speedup above 1 (e.g. drop@1.3x)."
+            f"arm {name!r} is unknown; use {', '.join(fixed)}, freeze@THRESHOLD (e.g. freeze@0.6), "
+            f"depth-aware@TARGETx or drop@TARGETx with a target speedup above 1 (e.g. drop@1.3x)."
         )
     kind, target = match.group(1), float(match.group(2))
     return (
@@ -296,7 +302,7 @@ def _contenders(
         peft_model, _ = wrap_with_plan(model, scores, selected, config)
         schedule: Schedule | None = None
         if arm.schedule == "freeze":
-            schedule = FreezeSchedule(interval=args.freeze_interval, threshold=args.freeze_threshold,
+            schedule = FreezeSchedule(interval=args.freeze_interval, threshold=arm.threshold or args.freeze_threshold,
                                       min_steps=args.freeze_min_steps, max_frozen=args.freeze_max_frozen)  # fmt: skip
         elif arm.schedule == "drop":
             rates, predicted = drop_rates([scores[i] for i in range(n)], selected, cost, target_speedup=arm.target,
