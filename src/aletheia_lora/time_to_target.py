@@ -112,12 +112,15 @@ def equal_steps(curves: dict[str, dict[str, list]], reference: str) -> dict[str,
 def common_grid(
     curves: Sequence[tuple[Sequence[float], Sequence[float]]], points: int = 50
 ) -> dict[str, list]:
-    """Curves of several seeds on one time grid (linear interpolation, up to the shortest run): the grid,
-    and per grid point the mean, min and max loss. For plots: seeds shaded around their mean."""
+    """Curves of several seeds on one time grid from 0 (linear interpolation, up to the shortest run; a run
+    is at its first loss before its first point): the grid, and per grid point the mean, min and max loss.
+    For plots: seeds shaded around their mean."""
     end = min(t[-1] for t, _ in curves)
     grid = [end * i / (points - 1) for i in range(points)]
 
     def at(t: Sequence[float], y: Sequence[float], x: float) -> float:
+        if x <= t[0]:  # before its first point (e.g. while a probe runs) a run is where it started
+            return y[0]
         for i in range(1, len(t)):
             if x <= t[i]:
                 return y[i - 1] + (y[i] - y[i - 1]) * (
