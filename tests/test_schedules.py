@@ -256,18 +256,22 @@ def test_drop_decisions_are_a_function_of_seed_and_step():
         DropSchedule([0.4] * LAYERS, seed=7).load_state_dict(a.state_dict())
 
 
-def test_a_dropping_trainer_run_resumed_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_dropping_trainer_run_resumed_equals_the_uninterrupted_run(tmp_path, checkpointing):
     rates = [0.5] * LAYERS
     reference = _all_layer_lora()
-    _trainer(reference, tmp_path / "a", DropSchedule(rates, seed=1), max_steps=6, checkpointing=False).train()
+    _trainer(
+        reference, tmp_path / "a", DropSchedule(rates, seed=1), max_steps=6, checkpointing=checkpointing
+    ).train()
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
     schedule = DropSchedule(rates, seed=1)
     schedule.load_state_dict(checkpoint_schedule_state(tmp_path / "b" / "checkpoint-3"))
     resumed = _all_layer_lora()
-    _trainer(resumed, tmp_path / "b", schedule, max_steps=6, checkpointing=False).train(
+    _trainer(resumed, tmp_path / "b", schedule, max_steps=6, checkpointing=checkpointing).train(
         resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3")
     )
+    assert schedule.steps == 6 and sum(schedule.counts) > 0
     want = dict(reference.named_parameters())
     for name, p in resumed.named_parameters():
         if "lora_" in name:
